@@ -8,10 +8,12 @@ the cost follows the bytes touched, not the model size.
     python benchmarks/delta_io.py                 # both models, prints markdown tables
     python benchmarks/delta_io.py --json out.json # also write the raw figures
     python benchmarks/delta_io.py --threads 1     # steadier on a shared machine
+    python benchmarks/delta_io.py --device cuda   # apply/revert on GPU-resident weights (CUDA synchronised)
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -89,6 +91,12 @@ def timed(function, repeat: int) -> float:
     return statistics.median(times)
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that timers see it (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def apply_revert(models: dict, delta: Delta, directory: Path, repeat: int) -> dict:
     """The same delta on every model, interleaved so that all models see the same machine load."""
     path = delta.save(directory / "delta.safetensors", overwrite=True)
@@ -99,10 +107,13 @@ def apply_revert(models: dict, delta: Delta, directory: Path, repeat: int) -> di
     delta.revert(next(iter(models.values())))
     for _ in range(repeat):
         for label, model in models.items():
+            synchronize()
             start = time.perf_counter()
             delta.apply(model)
+            synchronize()
             middle = time.perf_counter()
             delta.revert(model)
+            synchronize()
             times[label]["apply"].append((middle - start) * 1000)
             times[label]["revert"].append((time.perf_counter() - middle) * 1000)
     for label, measured in times.items():
@@ -149,14 +160,18 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[6, 60], help="model sizes, in MLP blocks")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="where the models' weights live: cpu, cuda or cuda:N "
+                        "(deltas are built and saved from CPU copies)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    device = torch.device(args.device)
+    gpu = f", weights on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-                         f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load}",
+                         f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load}{gpu}",
               "runs": {}, "sizes": {}}
     print(f"machine: {report['machine']}\n")
     with tempfile.TemporaryDirectory() as temp:
@@ -167,6 +182,8 @@ def main() -> None:
             model = random_model(blocks)
             models[f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"] = model
         smallest = next(iter(models.values()))
+        placed = models if device.type == "cpu" else {
+            label: copy.deepcopy(model).to(device) for label, model in models.items()}
         for label, make in [
             ("rows: 8 rows x 4", lambda: row_delta(smallest, 8)),
             ("rows: 128 rows x 4", lambda: row_delta(smallest, 128)),
@@ -177,7 +194,7 @@ def main() -> None:
             ("dense: 1 tensor", lambda: dense_delta(smallest, 1)),
             ("dense: 8 tensors", lambda: dense_delta(smallest, 8)),
         ]:
-            report["runs"][label] = apply_revert(models, make(), directory, args.repeat)
+            report["runs"][label] = apply_revert(placed, make(), directory, args.repeat)
         for label, model in models.items():
             report["sizes"][label] = sizes(model, directory)
     print_tables(report)

@@ -9,6 +9,7 @@ Both searches must find the same paths (checked: same neurons, scores within 1e-
 
     python benchmarks/mip_paths.py                       # 16 forget rows, m = 4, both sides
     python benchmarks/mip_paths.py --samples 8 --threads 1 --json out.json   # steadiest on a shared machine
+    python benchmarks/mip_paths.py --device cuda        # on a GPU: wall time, CUDA synchronised
 """
 from __future__ import annotations
 
@@ -60,11 +61,16 @@ def make_rows(folder: Path, count: int) -> list[Row]:
     return rows
 
 
-def timed(function):
+def timed(function, device: torch.device):
     """(result, wall seconds, CPU seconds of this process). On a shared machine the CPU time is the
-    steadier measure: other jobs stretch the wall time of whichever variant they overlap."""
+    steadier measure: other jobs stretch the wall time of whichever variant they overlap. On a GPU the
+    wall time (after synchronising) is the measure."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     wall, cpu = time.perf_counter(), time.process_time()
     result = function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -75,11 +81,14 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=64, help="rows (samples x steps) per batched pass")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--sides", default="llm,vision", help="parts to search")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     model, processor = build_model()
+    model.to(device)
     parameters = sum(p.numel() for p in model.parameters())
     parts = tuple(part.strip() for part in args.sides.split(","))
     with tempfile.TemporaryDirectory() as folder:
@@ -92,9 +101,9 @@ def main() -> None:
             variants = {"batched": dict(batch_rows=args.batch_rows, share_prefix=True)}
             if part == "llm":  # the text side also shares the prompt prefix; time it without, too
                 variants["batched, no shared prefix"] = dict(batch_rows=args.batch_rows, share_prefix=False)
-            found = {name: timed(lambda kw=kw: find_paths(model, processor, rows, **run, **kw))
+            found = {name: timed(lambda kw=kw: find_paths(model, processor, rows, **run, **kw), device)
                      for name, kw in variants.items()}
-            loop, loop_s, loop_cpu = timed(lambda: find_paths(model, processor, rows, loop=True, **run))
+            loop, loop_s, loop_cpu = timed(lambda: find_paths(model, processor, rows, loop=True, **run), device)
             layers = len(loop.neurons)
             chunks = -(-args.samples // max(1, args.batch_rows // args.steps))
             results[part] = {"layers": layers, "path_neurons": loop.count(), "loop_s": round(loop_s, 2),
@@ -112,9 +121,11 @@ def main() -> None:
     record = {"load_average": os.getloadavg(), "parameters": parameters, "samples": args.samples,
               "steps": args.steps, "batch_rows": args.batch_rows,
               "threads": torch.get_num_threads(), "machine": platform.platform(), "results": results,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__}
     print(f"model: {parameters / 1e6:.1f}M parameters (LLaVA: LM 512 x 8, vision 384 x 8); {args.samples} forget rows, "
-          f"m = {args.steps}, top-k 5, {args.batch_rows} rows per batched pass, {torch.get_num_threads()} threads")
+          f"m = {args.steps}, top-k 5, {args.batch_rows} rows per batched pass, {torch.get_num_threads()} threads, "
+          f"device {record['device']}")
     print("| side | layers | loop passes | loop CPU (wall) | variant | passes | CPU (wall) | speed-up CPU (wall) "
           "| same paths |")
     print("|---|---:|---:|---:|---|---:|---:|---:|---|")

@@ -5,7 +5,8 @@
    - hooks:  plain torch hooks + torch.autograd.grad to every neuron site + the same statistics
              (the same work as mmedit, without nnsight);
    - mmedit: mmedit.trace.trace(..., grads=True) over every MLP neuron of all three parts.
-   Medians of repeated runs, measured in one process, one after the other.
+   Medians of repeated runs, measured in one process, one after the other. `--device cuda` times the
+   same on a GPU (CUDA synchronised after each step).
 2. Peak RSS of tracing 10 vs 100 vs 1000 examples (with gradients) on a ~7M model of the same shape,
    each in a fresh process: statistics stream, so memory must not grow with the data.
 """
@@ -35,7 +36,7 @@ def llava_model(hidden=512, layers=8):
     return LlavaForConditionalGeneration(config).eval()
 
 
-def batch_for(model, batch_size=4, text_tokens=48):
+def batch_for(model, batch_size=4, text_tokens=48, device="cpu"):
     from mmedit.data.batches import Batch
 
     image_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
@@ -45,6 +46,7 @@ def batch_for(model, batch_size=4, text_tokens=48):
     labels[:, -8:] = ids[:, -8:]
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
               "pixel_values": torch.randn(batch_size, 3, 112, 112)}
+    inputs = {key: value.to(device) for key, value in inputs.items()}
     return Batch(inputs=inputs, form="multimodal", rows=[])
 
 
@@ -71,36 +73,43 @@ def hooks_step(model, batch, model_map):
     accumulator = Accumulator()
     for site, grad in zip(model_map.sites, grads):
         value = seen[site.name]
-        masks = groups if site.part == "llm" else {"all": torch.ones(value.shape[:-1], dtype=torch.bool)}
+        masks = groups if site.part == "llm" else {"all": torch.ones(value.shape[:-1], dtype=torch.bool,
+                                                                      device=value.device)}
         accumulator.add(site.name, "multimodal", value, masks, grad)
 
 
-def timed(steps: dict, repeats: int) -> dict[str, float]:
+def timed(steps: dict, repeats: int, device: torch.device) -> dict[str, float]:
     """Median seconds of each step, run round-robin so that machine load hits all alike."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     times: dict[str, list[float]] = {name: [] for name in steps}
     for name, step in steps.items():
         step()  # warm-up (nnsight compiles a trace body once)
     for _ in range(repeats):
         for name, step in steps.items():
+            sync()
             start = time.perf_counter()
             step()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def overhead(repeats: int) -> dict:
+def overhead(repeats: int, device: torch.device) -> dict:
     from mmedit.arch import model_map
     from mmedit.trace import trace
 
-    model = llava_model()
+    model = llava_model().to(device)
     mapping = model_map(model)
-    batch = batch_for(model)
+    batch = batch_for(model, device=device)
     per_trace = 4  # batches per trace() call, so per-call setup is amortised as in real use
     seconds = timed({
         "bare_s": lambda: bare_step(model, batch),
         "hooks_s": lambda: hooks_step(model, batch, mapping),
         "mmedit_s": lambda: trace(model, [batch] * per_trace, grads=True, progress=False),
-    }, repeats)
+    }, repeats, device)
     seconds["mmedit_s"] /= per_trace
     result = {
         "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
@@ -151,17 +160,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--memory-only", action="store_true", help="skip the timing part")
+    parser.add_argument("--device", default="cpu", help="where the timing part runs: cpu, cuda or cuda:N "
+                        "(the memory part measures CPU RSS and runs on CPU only)")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         peak_rss_child(args.memory_child)
         return
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(json.dumps({"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                                 f"torch {torch.__version__}"}), flush=True)
+                                 f"torch {torch.__version__}{gpu}"}), flush=True)
     if not args.memory_only:
-        print(json.dumps({"overhead": overhead(repeats=3 if args.quick else 7)}, indent=2), flush=True)
-    print(json.dumps({"memory": memory((10, 100, 1000))}, indent=2), flush=True)
+        print(json.dumps({"overhead": overhead(3 if args.quick else 7, device)}, indent=2), flush=True)
+    if device.type == "cpu":
+        print(json.dumps({"memory": memory((10, 100, 1000))}, indent=2), flush=True)
 
 
 if __name__ == "__main__":
