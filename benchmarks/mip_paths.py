@@ -87,6 +87,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # cuDNN convolutions (the patch embedding) default to TF32 on GPUs, with algorithms picked per batch
+    # size: the one-row loop and the batched passes would then round differently. Compare in full fp32.
+    torch.backends.cudnn.allow_tf32 = False
     model, processor = build_model()
     model.to(device)
     parameters = sum(p.numel() for p in model.parameters())
@@ -114,9 +117,13 @@ def main() -> None:
                 same = list(batched.neurons) == list(loop.neurons) and all(
                     torch.equal(batched.neurons[n], loop.neurons[n])
                     and torch.allclose(batched.scores[n], loop.scores[n], rtol=1e-4, atol=1e-6) for n in loop.neurons)
+                # neurons in one search's paths but not the other's (near-ties can flip under other rounding)
+                differing = sum(len(set(batched.neurons.get(n, torch.tensor([])).tolist())
+                                    ^ set(loop.neurons[n].tolist())) for n in loop.neurons)
                 results[part]["variants"][name] = {"seconds": round(seconds, 2), "cpu_s": round(cpu, 2),
                                                    "speedup": round(loop_s / seconds, 1),
                                                    "cpu_speedup": round(loop_cpu / cpu, 1), "same_paths": same,
+                                                   "differing_neurons": differing,
                                                    "shared_prefix": batched.meta["shared_prefix"].get(part)}
     record = {"load_average": os.getloadavg(), "parameters": parameters, "samples": args.samples,
               "steps": args.steps, "batch_rows": args.batch_rows,
@@ -133,7 +140,7 @@ def main() -> None:
         for name, v in r["variants"].items():
             print(f"| {part} | {r['layers']} | {r['loop_passes']} | {r['loop_cpu_s']:.1f} s ({r['loop_s']:.1f} s) | "
                   f"{name} | {r['batched_passes']} | {v['cpu_s']:.1f} s ({v['seconds']:.1f} s) | "
-                  f"{v['cpu_speedup']:.1f}x ({v['speedup']:.1f}x) | {v['same_paths']} |")
+                  f"{v['cpu_speedup']:.1f}x ({v['speedup']:.1f}x) | {v['same_paths']} ({v['differing_neurons']} differ) |")
     if args.json:
         args.json.write_text(json.dumps(record, indent=2))
 
