@@ -239,4 +239,4 @@ def test_gpu_model_is_edited_in_place(models):
     assert same({k: v.cpu() for k, v in snapshot(model).items()}, snapshot(edited))
     delta.revert(model)
     assert same({k: v.cpu() for k, v in snapshot(model).items()}, snapshot(tiny_llama()))
-    assert Delta.from_models(tiny_llama().cuda(), edited.cuda()).checksum == delta.checksum
+    assert Delta.from_models(tiny_llama().cuda(), edited.cuda(), provenance={"plugin": "test"}).checksum == delta.checksum
