@@ -184,7 +184,8 @@ def test_third_party_plugin(third_party, rows, tmp_path):
 
     # One real process: the console entry point finds the package through PYTHONPATH alone.
     process_out = tmp_path / "process.safetensors"
-    env = dict(os.environ, PYTHONPATH=str(third_party), OMP_NUM_THREADS="1")
+    paths = [str(third_party), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep the caller's own entries
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), OMP_NUM_THREADS="1")
     process = subprocess.run([sys.executable, "-m", "mmedit.cli.main", *args[:-1], str(process_out)],
                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert process.returncode == 0, process.stderr
