@@ -32,11 +32,17 @@ _META_KEY = "mmedit_trace"
 
 
 class Accumulator:
-    """Adds one batch of activations (and gradients) of one site into running sums."""
+    """Adds one batch of activations (and gradients) of one site into running sums.
+
+    Each (site, form) keeps one float64 block [fields, groups, width] that a batch updates with one
+    matmul and one add (on a GPU, a few kernels per site instead of one per field and group); result()
+    splits the blocks into the per-key tensors of TraceStats."""
 
     def __init__(self, tau: float = 0.1):
         self.tau = tau
-        self.sums: dict[str, torch.Tensor] = {}
+        self.blocks: dict[tuple, torch.Tensor] = {}  # (site, form, groups, fields) -> [fields, groups, width]
+        self.counts: dict[tuple, torch.Tensor] = {}  # same key -> [groups] positions counted
+        self.fisher: dict[str, torch.Tensor] = {}
         self.fisher_batches: dict[str, int] = {}
 
     def add(
@@ -50,41 +56,48 @@ class Accumulator:
         """values/grads: [..., width]; masks: group -> bool tensor of values.shape[:-1]."""
         width = values.shape[-1]
         z = values.detach().reshape(-1, width).float()
-        groups = list(masks)
-        # One [groups, positions] matrix turns every masked sum into a single matmul.
+        groups = tuple(masks)
         weights = torch.stack([masks[g].reshape(-1) for g in groups]).to(z.dtype)
-        batch = {
-            "n": weights.sum(dim=1, keepdim=True),
-            "sum": weights @ z,
-            "sum_abs": weights @ z.abs(),
-            "sum_sq": weights @ z.square(),
-            "active": weights @ (z.abs() > self.tau).to(z.dtype),
-        }
+        fields = ACTIVATION_FIELDS[1:]
+        columns = [z, z.abs(), z.square(), (z.abs() > self.tau).to(z.dtype)]
         if grads is not None:
             g = grads.detach().reshape(-1, width).float()
-            batch |= {
-                "grad_sum_abs": weights @ g.abs(),
-                "grad_sum_sq": weights @ g.square(),
-                "grad_sum_z": weights @ (g * z),
-            }
-        for field, rows in batch.items():
-            for index, group in enumerate(groups):
-                self._add(f"{site}/{form}/{group}/{field}", rows[index])
+            fields += GRADIENT_FIELDS
+            columns += [g.abs(), g.square(), g * z]
+        # Every masked sum of every field in one [groups, positions] @ [positions, fields * width] matmul.
+        sums = (weights @ torch.cat(columns, dim=1)).view(len(groups), len(fields), width).transpose(0, 1)
+        key = (site, form, groups, fields)
+        if key in self.blocks:
+            self.blocks[key] += sums
+            self.counts[key] += weights.sum(dim=1)
+        else:
+            self.blocks[key] = sums.double()
+            self.counts[key] = weights.sum(dim=1).double()
 
     def add_fisher(self, form: str, param: str, grad: torch.Tensor) -> None:
-        self._add(f"fisher/{form}/{param}", grad.detach().float().square(), dtype=torch.float32)
+        key, square = f"fisher/{form}/{param}", grad.detach().float().square()
+        if key in self.fisher:
+            self.fisher[key] += square
+        else:
+            self.fisher[key] = square.clone()
 
     def count_fisher_batch(self, form: str) -> None:
         self.fisher_batches[form] = self.fisher_batches.get(form, 0) + 1
 
-    def _add(self, key: str, value: torch.Tensor, dtype: torch.dtype = torch.float64) -> None:
-        if key in self.sums:
-            self.sums[key] += value
-        else:
-            self.sums[key] = value.to(dtype).clone()
-
     def result(self, meta: dict) -> TraceStats:
-        tensors = {key: value.cpu() for key, value in self.sums.items()}
+        tensors: dict[str, torch.Tensor] = {}
+
+        def put(key: str, value: torch.Tensor) -> None:  # blocks with and without gradients share keys
+            tensors[key] = tensors[key] + value if key in tensors else value.clone()
+
+        for key, block in self.blocks.items():
+            site, form, groups, fields = key
+            block, counts = block.cpu(), self.counts[key].cpu()
+            for g, group in enumerate(groups):
+                put(f"{site}/{form}/{group}/n", counts[g : g + 1])
+                for f, field in enumerate(fields):
+                    put(f"{site}/{form}/{group}/{field}", block[f, g])
+        tensors.update((key, value.cpu()) for key, value in self.fisher.items())
         for form, count in self.fisher_batches.items():
             tensors[f"fisher_batches/{form}"] = torch.tensor([count], dtype=torch.int64)
         return TraceStats(tensors, meta)
