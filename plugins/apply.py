@@ -30,11 +30,14 @@ def apply_plugin(
     *,
     text_retain_rows: Sequence | None = None,
     provenance: Mapping | None = None,
+    memo: dict | None = None,
 ):
     """Run plugin `name` and return its Delta (provenance: plugin, config, seed, data hashes, base model,
     library versions). `model` is unchanged afterwards. `stats`: precomputed mmedit.trace.TraceStats by the
     keys the plugin documents. `text_retain_rows`: rows whose text form the plugin preserves (default: the
-    forget and retain rows). `provenance`: extra header entries (the CLI adds file paths and hashes)."""
+    forget and retain rows). `provenance`: extra header entries (the CLI adds file paths and hashes).
+    `memo`: a dict shared by several calls on the same base model and data, so that statistics one edit
+    computed (traces, Fisher, paths) are reused by the next whose options they depend on are the same."""
     from mmedit.arch import PARTS, model_map
     from mmedit.delta import Delta
 
@@ -55,7 +58,7 @@ def apply_plugin(
     original = {n: p.detach().clone() for n, p in declared.items()}
     watched = _watch(model, declared)
     state = _state(model)
-    job = Job(model, processor, mapping, forget, retain, text_retain, seed, progress, original, stats or {})
+    job = Job(model, processor, mapping, forget, retain, text_retain, seed, progress, original, stats or {}, memo)
     try:
         with torch.random.fork_rng(devices=_cuda_devices(model)):
             torch.manual_seed(seed)

@@ -142,10 +142,22 @@ class Job:
     progress: bool
     original: dict[str, torch.Tensor]  # the declared parts' parameters before the edit (read-only)
     stats: Mapping = field(default_factory=dict)  # precomputed TraceStats by key; see statistics()
+    memo: dict | None = None  # shared by several edits of the same base model; see statistics()
 
-    def statistics(self, key: str, compute: Callable):
-        """Precomputed statistics passed as stats[key], else compute() (e.g. a mmedit.trace.trace run)."""
-        return self.stats[key] if key in self.stats else compute()
+    def statistics(self, key: str, compute: Callable, depends_on: Mapping | None = None):
+        """Precomputed statistics passed as stats[key], else compute() (e.g. a mmedit.trace.trace run).
+
+        With a memo (apply_plugin(memo=...)), what compute() returns is kept under the key, the options it
+        `depends_on` and the data sets, so a later edit asking for the same reuses it."""
+        if key in self.stats:
+            return self.stats[key]
+        if self.memo is None:
+            return compute()
+        options = json.dumps(depends_on or {}, sort_keys=True, default=str)
+        memo_key = (key, options, *(rows_sha256(rows) for rows in (self.forget, self.retain, self.text_retain)))
+        if memo_key not in self.memo:
+            self.memo[memo_key] = compute()
+        return self.memo[memo_key]
 
 
 def rows_sha256(rows: Sequence) -> str:

@@ -65,7 +65,7 @@ def fisher(job, key: str, rows, form: str, names: list[str], batch_size: int):
         return trace(job.model, batches, model_map=job.model_map, parts=("llm",), groups=("all",),
                      fisher_params=names, progress=job.progress, total=-(-len(rows) // batch_size))
 
-    return job.statistics(key, compute)
+    return job.statistics(key, compute, {"form": form, "params": names, "batch_size": batch_size})
 
 
 def pooled(sets, name: str) -> torch.Tensor:

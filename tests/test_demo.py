@@ -30,6 +30,8 @@ def test_demo_fast_end_to_end(tmp_path):
         assert (out / name).stat().st_size > 0
     installed = demo.plugins()
     names = [method["name"] for method in record["methods"]]
+    table = (out / demo.MARKDOWN).read_text().splitlines()
+    assert [line.split(" | ")[0].lstrip("| ") for line in table[4:]] == names  # one markdown row per method
     expected = [demo.label(name, options) for name, options in demo.default_runs(installed[0], False)]
     assert names == ["base", *expected]
     assert record["settings"]["runs"][0] == {"plugin": "ga", "options": demo.EMBEDDED_SETTINGS["ga"]}
@@ -54,7 +56,7 @@ def _fake_plugins(monkeypatch, apply):
 
 
 def test_failing_plugins_are_reported_and_the_model_is_kept(tmp_path, monkeypatch):
-    def apply(name, model, processor, forget_rows, retain_rows, overrides=None, seed=0, progress=True):
+    def apply(name, model, processor, forget_rows, retain_rows, overrides=None, seed=0, progress=True, memo=None):
         if name == "boom":
             raise RuntimeError("exploded\nwith a second line")
         with torch.no_grad():  # a plugin that breaks the contract by editing the model it was given
@@ -70,7 +72,7 @@ def test_failing_plugins_are_reported_and_the_model_is_kept(tmp_path, monkeypatc
                       "meddler": "AssertionError: not reached by a well-behaved plugin"}
     assert list(record["results"]) == ["base"]
 
-    def meddle(name, model, processor, forget_rows, retain_rows, overrides=None, seed=0, progress=True):
+    def meddle(name, model, processor, forget_rows, retain_rows, overrides=None, seed=0, progress=True, memo=None):
         with torch.no_grad():
             next(model.parameters()).add_(1.0)
         from mmedit.delta import Delta

@@ -354,3 +354,27 @@ def test_apply_cli(tmp_path, rows, model_dir):
     fails(["apply", "graddiff", str(model_dir), "--forget", str(forget), "--out", str(tmp_path / "x")],
           "graddiff: needs a retain set (--retain)")
     assert not (tmp_path / "x").exists() and not (tmp_path / "nan.safetensors").exists()
+
+
+def test_memo_reuses_statistics_only_when_their_options_match(llava, rows, monkeypatch):
+    """apply_plugin(memo=...): a second edit that needs the same statistics reuses them (same delta bytes as
+    computing them afresh); one whose statistics depend on a changed option computes its own."""
+    import mmedit.trace as tracing
+
+    model, processor = llava
+    forget, retain = rows[:4], rows[4:8]
+    calls = []
+    real = tracing.trace
+    monkeypatch.setattr(tracing, "trace", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    memo: dict = {}
+    first = apply_plugin("manu", model, processor, forget, retain, {"alpha": 0.02}, memo=memo, progress=False)
+    traced = len(calls)
+    assert traced == 2 and len(memo) == 2  # forget and retain statistics
+    second = apply_plugin("manu", model, processor, forget, retain, {"alpha": 0.05}, memo=memo, progress=False)
+    assert len(calls) == traced  # reused
+    fresh = apply_plugin("manu", model, processor, forget, retain, {"alpha": 0.05}, progress=False)
+    assert second.checksum == fresh.checksum and first.checksum != second.checksum
+    apply_plugin("manu", model, processor, forget, retain, {"alpha": 0.05, "tau": 0.5}, memo=memo, progress=False)
+    assert len(calls) == traced + 4 and len(memo) == 4  # tau changes the statistics: traced again, kept apart
+    other = apply_plugin("manu", model, processor, forget[:3], retain, {"alpha": 0.05}, memo=memo, progress=False)
+    assert len(calls) == traced + 6 and other.checksum != second.checksum  # other data, other statistics

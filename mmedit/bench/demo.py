@@ -28,6 +28,7 @@ from mmedit.errors import MmeditError
 FORGET_PERCENT = 10
 RETAIN_PEOPLE = 10  # retain people evaluated (a seeded sample of the 45); all forget / test people are
 REPORT = "demo.json"
+MARKDOWN = "demo.md"  # the summary as a markdown table, for notes and BENCHMARKS.md
 FORMAT = "mmedit.demo-report"
 # Summary columns: the headline metric (option-likelihood accuracy) per (split, form), and the
 # forgetting rate of the forget set per form. VQA = Image_Textual, QA = Pure_Text.
@@ -152,9 +153,10 @@ def _run(out_dir: Path, fast: bool, seed: int, retain_people: int, device: str, 
         installed = plugins()
         if installed is not None and runs is None:
             runs = default_runs(installed[0], paper_defaults)
+        memo: dict = {}  # statistics (traces, Fisher, paths) one run computed, for later runs that need the same
         for index, (name, overrides) in enumerate(runs if installed else []):
             methods.append(_run_plugin(name, overrides, index, installed[1], model, processor, forget_rows,
-                                       retain_rows, sets, seed, work, options, progress))
+                                       retain_rows, sets, seed, work, options, progress, memo))
         timings["total_s"] = time.perf_counter() - started
         results = {method.name: method.table for method in methods if method.table is not None}
         record = report.build(results, {
@@ -177,6 +179,7 @@ def _run(out_dir: Path, fast: bool, seed: int, retain_people: int, device: str, 
             "versions": library_versions(),
         })
         report.write_json(record, work / REPORT)
+        (work / MARKDOWN).write_text(markdown(record), encoding="utf-8")
         report.plot(results, work / "demo.png")
         work.chmod(0o777 & ~report.current_umask())  # mkdtemp made it private; the result is an ordinary folder
         _swap_in(work, out_dir)
@@ -186,7 +189,7 @@ def _run(out_dir: Path, fast: bool, seed: int, retain_people: int, device: str, 
 
 
 def _run_plugin(name, overrides, index, apply_plugin, model, processor, forget_rows, retain_rows, sets, seed, work,
-                options, progress) -> "Method":
+                options, progress, memo) -> "Method":
     """Edit with one plugin and evaluate the edit; any failure becomes the method's one-line error."""
     from mmedit.eval.harness import evaluate_edited, summarise
 
@@ -195,7 +198,7 @@ def _run_plugin(name, overrides, index, apply_plugin, model, processor, forget_r
     mark = time.perf_counter()
     try:
         delta = apply_plugin(name, model, processor, forget_rows, retain_rows, overrides, seed=seed,
-                             progress=progress)
+                             progress=progress, memo=memo)
         if _restore_if_changed(model, reference):
             raise MmeditError("the plugin modified the model it was given (weights restored)")
         path = delta.save(work / f"delta-{index:02d}-{name}.safetensors")
@@ -262,3 +265,28 @@ def summary_rows(record: dict) -> list[dict]:
         row["delta bytes"] = method["delta"].get("bytes")
         rows.append(row)
     return rows
+
+
+def markdown(record: dict) -> str:
+    """The summary as a markdown table: cells "headline / generation accuracy" in %, then the forgetting
+    rates (headline metric), the delta's changed elements and the seconds of edit + evaluation."""
+    metric = record["settings"]["headline_metric"]
+    header = [label for label, _, _ in ACCURACY_COLUMNS] + [label for label, _ in RATE_COLUMNS]
+    lines = [f"| method | {' | '.join(header)} | delta elements | s |", "|---|" + "---:|" * (len(header) + 2)]
+
+    def percent(value) -> str:
+        return "-" if value is None else f"{100 * value:.0f}"
+
+    for row in summary_rows(record):
+        table = record["results"].get(row["method"]) or {}
+        if row["error"]:
+            cells = ["failed"] * len(ACCURACY_COLUMNS)
+        else:
+            cells = [f"{percent(row[label])} / {percent(table.get(split, {}).get(form, {}).get('gen_acc'))}"
+                     for label, split, form in ACCURACY_COLUMNS]
+        cells += [percent(row[label]) for label, _ in RATE_COLUMNS]
+        elements = row["delta elements"]
+        cells += ["" if elements is None else f"{elements:,}", f"{row['seconds']:.0f}"]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join([f"Unlearning {FORGET_PERCENT} % of the people; cells: {metric} / gen_acc (%); forgot: "
+                      f"forgetting rate of {metric} (%).", "", *lines]) + "\n"

@@ -96,7 +96,8 @@ def statistics(job, role: str, rows, config, parts):
         return trace(job.model, batches(), model_map=job.model_map, parts=parts, groups=(config.positions,),
                      tau=config.tau, meta=meta, progress=job.progress, total=2 * -(-len(rows) // config.batch_size))
 
-    return job.statistics(role, compute)
+    return job.statistics(role, compute, {"parts": parts, "positions": config.positions, "tau": config.tau,
+                                          "batch_size": config.batch_size})
 
 
 def check_statistics(stats, role: str, rows, config, model_map, sites) -> None:

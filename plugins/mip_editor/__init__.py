@@ -114,7 +114,8 @@ def get_paths(job, config) -> NeuronPaths:
                           steps=config.steps, top_k=config.top_k, positions=config.positions,
                           batch_rows=config.search_batch, progress=job.progress)
 
-    paths = job.statistics("paths", compute)
+    paths = job.statistics("paths", compute, {"parts": parts, "steps": config.steps, "top_k": config.top_k,
+                                              "positions": config.positions, "batch": config.search_batch})
     if not isinstance(paths, NeuronPaths):
         paths = NeuronPaths.load(paths)
     paths.check(job.model_map)
