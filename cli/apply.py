@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mmedit.cli.common import Device, Dtype, Force, TrustRemoteCode, out, user_errors
+from mmedit.cli.common import Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, user_errors
 from mmedit.errors import MmeditError
 
 
@@ -93,6 +93,7 @@ def apply_command(
     seed: Annotated[int, typer.Option(help="Seed of every random choice: same seed, same delta.")] = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    threads: Threads = 0,
     trust_remote_code: TrustRemoteCode = False,
     force: Force = False,
 ) -> None:
@@ -100,7 +101,6 @@ def apply_command(
 
     Example: mmedit apply mmunlearner ./tiny --forget forget10.jsonl --retain retain.jsonl --set tau=2 --out mmu.safetensors
     """
-    from mmedit.loading import load
     from mmedit.plugins import apply_plugin, get
 
     overrides = parse_overrides(config, settings or [])
@@ -111,7 +111,7 @@ def apply_command(
     retain_rows, retain_file = _data(retain, "retain")
     text_rows, text_file = _data(text_retain, "text_retain")
     traced, stats_files = _stats(stats or [])
-    loaded, processor = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
     delta = apply_plugin(plugin, loaded, processor, forget_rows, retain_rows, overrides, seed=seed,
                          stats=traced, text_retain_rows=text_rows if text_retain else None,
                          provenance={"files": files | retain_file | text_file | stats_files, "model_arg": model})

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import Device, Dtype, Force, TrustRemoteCode, out, user_errors
+from mmedit.cli.common import Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, user_errors
 from mmedit.errors import MmeditError
 
 
@@ -42,6 +42,7 @@ def eval_command(
     letters: Annotated[bool, typer.Option("--letters/--no-letters", help="Also ask multiple choice as a lettered prompt (MLLMU-Bench style).")] = True,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    threads: Threads = 0,
     trust_remote_code: TrustRemoteCode = False,
     force: Force = False,
 ) -> None:
@@ -56,7 +57,6 @@ def eval_command(
     from mmedit.delta import Delta
     from mmedit.eval import report
     from mmedit.eval.harness import evaluate, evaluate_edited, find_sets, select_people, summarise
-    from mmedit.loading import load
     from mmedit.provenance import library_versions, model_identity
 
     for path in (out_path, plot):
@@ -66,7 +66,7 @@ def eval_command(
     sets = {split: select_people(read_rows(path), limit_people, seed) for split, path in files.items()}
     loaded_deltas = [Delta.load(path) for path in deltas or []]  # a bad delta fails before the model loads
     _quiet_transformers()
-    loaded, processor = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
 
     options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, letters=letters)
     results = {report.BASE: summarise(evaluate(loaded, processor, sets, description="base model", **options))}

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import Device, Dtype, Force, TrustRemoteCode, err, out, user_errors
+from mmedit.cli.common import (Device, Dtype, Force, Threads, TrustRemoteCode, err, load_model, out,
+                               user_errors)
 from mmedit.errors import MmeditError
 
 
@@ -34,6 +35,7 @@ def trace_command(
     plot: Annotated[Path | None, typer.Option(help="Also write a PNG heatmap of neuron importance here.")] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    threads: Threads = 0,
     trust_remote_code: TrustRemoteCode = False,
     force: Force = False,
 ) -> None:
@@ -43,7 +45,6 @@ def trace_command(
     """
     from mmedit.data.batches import make_batches
     from mmedit.data import read_rows
-    from mmedit.loading import load
     from mmedit.provenance import file_sha256
     from mmedit.trace import FORMS, GROUPS, PARTS, trace
     from mmedit.trace.report import heatmap, top_table
@@ -56,7 +57,7 @@ def trace_command(
     rows = read_rows(data)[:limit]
     if any(row.image is None for row in rows) and "multimodal" in form_list:
         raise MmeditError(f"{data}: some rows have no image; trace them with --forms text")
-    loaded, processor = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
 
     def batches():
         for form in form_list:

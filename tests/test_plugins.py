@@ -367,14 +367,14 @@ def test_memo_reuses_statistics_only_when_their_options_match(llava, rows, monke
     real = tracing.trace
     monkeypatch.setattr(tracing, "trace", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     memo: dict = {}
-    first = apply_plugin("manu", model, processor, forget, retain, {"alpha": 0.02}, memo=memo, progress=False)
+    first = apply_plugin("manu", model, processor, forget, retain, {"alpha": 2.0}, memo=memo, progress=False)
     traced = len(calls)
     assert traced == 2 and len(memo) == 2  # forget and retain statistics
-    second = apply_plugin("manu", model, processor, forget, retain, {"alpha": 0.05}, memo=memo, progress=False)
+    second = apply_plugin("manu", model, processor, forget, retain, {"alpha": 5.0}, memo=memo, progress=False)
     assert len(calls) == traced  # reused
-    fresh = apply_plugin("manu", model, processor, forget, retain, {"alpha": 0.05}, progress=False)
+    fresh = apply_plugin("manu", model, processor, forget, retain, {"alpha": 5.0}, progress=False)
     assert second.checksum == fresh.checksum and first.checksum != second.checksum
-    apply_plugin("manu", model, processor, forget, retain, {"alpha": 0.05, "tau": 0.5}, memo=memo, progress=False)
+    apply_plugin("manu", model, processor, forget, retain, {"alpha": 5.0, "tau": 0.5}, memo=memo, progress=False)
     assert len(calls) == traced + 4 and len(memo) == 4  # tau changes the statistics: traced again, kept apart
-    other = apply_plugin("manu", model, processor, forget[:3], retain, {"alpha": 0.05}, memo=memo, progress=False)
+    other = apply_plugin("manu", model, processor, forget[:3], retain, {"alpha": 5.0}, memo=memo, progress=False)
     assert len(calls) == traced + 6 and other.checksum != second.checksum  # other data, other statistics

@@ -163,8 +163,11 @@ def test_trace_cli(tmp_path, rows):
     runner = CliRunner()
     out = tmp_path / "stats.safetensors"
     result = runner.invoke(app, ["trace", model_dir, "--data", str(data), "--grads", "--out", str(out),
-                                 "--plot", str(tmp_path / "heat.png"), "--batch-size", "3"])
+                                 "--plot", str(tmp_path / "heat.png"), "--batch-size", "3", "--threads", "2"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # back to the test session's
     assert result.exit_code == 0, result.output
+    assert threads == 2
     assert "llm.1" in result.output and (tmp_path / "heat.png").stat().st_size > 1000
     stats = TraceStats.load(out)
     assert stats.meta["data"]["rows"] == 4 and stats.meta["options"]["grads"]

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import Device, Dtype, Force, TrustRemoteCode, out, user_errors
+from mmedit.cli.common import Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, user_errors
 from mmedit.errors import MmeditError
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as the mmedit CLI: no transformers bars
@@ -35,12 +35,12 @@ def find_command(
     plot: Annotated[Path | None, typer.Option(help="Also write a PNG of the paths here.")] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    threads: Threads = 0,
     trust_remote_code: TrustRemoteCode = False,
     force: Force = False,
 ) -> None:
     """Search the influential neuron paths of the forget set and save them (reuse: apply --stats paths=FILE)."""
     from mmedit.data import read_rows
-    from mmedit.loading import load
     from mmedit.plugins.mip_editor import SIDES
     from mmedit.plugins.mip_editor.paths import POSITIONS, find_paths
     from mmedit.plugins.mip_editor.report import path_table, plot_paths
@@ -53,7 +53,7 @@ def find_command(
     if out_path.exists() and not force:
         raise MmeditError(f"{out_path} exists; pass --force to overwrite")
     rows = read_rows(forget)
-    loaded, processor = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
     paths = find_paths(loaded, processor, rows, parts=SIDES[side], steps=steps, top_k=top_k, positions=positions,
                        batch_rows=batch_rows, progress=True)
     paths.meta["data"] = {"path": str(forget), "sha256": file_sha256(forget), "rows": len(rows)}
