@@ -12,6 +12,14 @@ import torch
 from mmedit.errors import MmeditError
 
 
+def make_ordinary(path: str | Path) -> None:
+    """Give a temp file or folder (mkstemp/mkdtemp make them private) the permissions a plain open() or
+    mkdir would have given it under the current umask, before it is renamed into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
 def save(path: str | Path, tensors: dict[str, torch.Tensor], key: str, header: dict, force: bool = False) -> Path:
     """Write tensors + header (JSON under metadata[key]); an existing file needs force."""
     from safetensors.torch import save_file
@@ -25,6 +33,7 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], key: str, header: d
     try:
         save_file({name: value.contiguous() for name, value in tensors.items()}, temporary,
                   {key: json.dumps(header, sort_keys=True)})
+        make_ordinary(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

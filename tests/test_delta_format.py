@@ -195,3 +195,25 @@ def test_provenance_must_be_json_and_not_reserved():
         Delta({}, {"config": object()})
     with pytest.raises(MmeditError, match="reserved"):
         Delta({}, {"checksum": "x"})
+
+
+def test_written_files_get_the_umask_permissions(tmp_path):
+    """Deltas, trace statistics and reports are written through private temp files; what lands is an
+    ordinary file (0644 under umask 022), not a 0600 one."""
+    import os
+    import stat
+
+    from mmedit.eval.report import write_json
+    from mmedit.trace.stats import Accumulator
+
+    accumulator = Accumulator()
+    accumulator.add("llm.0", "text", torch.ones(2, 3), {"all": torch.ones(2, dtype=torch.bool)})
+    old = torch.zeros(4, 4)
+    previous = os.umask(0o022)
+    try:
+        written = [Delta.from_changes({"w": (old, old + 1)}).save(tmp_path / "d.safetensors"),
+                   accumulator.result({}).save(tmp_path / "t.safetensors"),
+                   write_json({"a": 1}, tmp_path / "r.json")]
+    finally:
+        os.umask(previous)
+    assert [stat.S_IMODE(path.stat().st_mode) for path in written] == [0o644] * 3

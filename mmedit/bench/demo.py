@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mmedit.errors import MmeditError
+from mmedit.safefile import make_ordinary
 
 FORGET_PERCENT = 10
 RETAIN_PEOPLE = 10  # retain people evaluated (a seeded sample of the 45); all forget / test people are
@@ -181,7 +182,7 @@ def _run(out_dir: Path, fast: bool, seed: int, retain_people: int, device: str, 
         report.write_json(record, work / REPORT)
         (work / MARKDOWN).write_text(markdown(record), encoding="utf-8")
         report.plot(results, work / "demo.png")
-        work.chmod(0o777 & ~report.current_umask())  # mkdtemp made it private; the result is an ordinary folder
+        make_ordinary(work)  # the result is an ordinary folder
         _swap_in(work, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -367,7 +367,7 @@ def write(info: profiles.BenchInfo, path: str | Path, recipe: dict | None = None
           progress: bool = True) -> Path:
     """Train on `info` and save model, processor and mmedit-training.json to `path` atomically
     (temp folder + rename). If another process finished `path` first, theirs is kept."""
-    from mmedit.eval.report import current_umask
+    from mmedit.safefile import make_ordinary
 
     recipe = {**RECIPE, **(recipe or {})}
     path = Path(path)
@@ -391,7 +391,7 @@ def write(info: profiles.BenchInfo, path: str | Path, recipe: dict | None = None
         model.save_pretrained(temp)
         processor.save_pretrained(temp)
         (temp / TRAINING_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        temp.chmod(0o777 & ~current_umask())  # mkdtemp made it private; the cache is an ordinary folder
+        make_ordinary(temp)  # the cache is an ordinary folder
         try:
             os.rename(temp, path)
         except OSError:

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmedit.errors import MmeditError
+from mmedit.safefile import make_ordinary
 
 FORMAT = "mmedit.delta"
 FORMAT_VERSION = 1
@@ -69,6 +70,7 @@ def write(path: str | Path, tensors: dict[str, torch.Tensor], text: str, *, over
         save_file(tensors, temp, metadata=metadata)
         with open(temp, "rb") as written:
             os.fsync(written.fileno())
+        make_ordinary(temp)
         os.replace(temp, path)
     except Exception as error:
         Path(temp).unlink(missing_ok=True)

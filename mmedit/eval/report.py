@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.table import Table
 
 from mmedit.errors import MmeditError
+from mmedit.safefile import make_ordinary
 from mmedit.eval import metrics
 
 BASE = "base"
@@ -61,18 +62,12 @@ def write_json(report: dict, path: str | Path) -> Path:
         with handle:
             json.dump(report, handle, indent=1)
             handle.write("\n")
-        os.chmod(handle.name, 0o666 & ~current_umask())  # a temp file is private; the report is an ordinary file
+        make_ordinary(handle.name)
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
     return path
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _percent(value: float | None) -> str:
