@@ -118,6 +118,9 @@ def apply_command(
     if not delta.changes:
         raise MmeditError(f"{plugin} changed nothing (all updates were zero); no delta written")
     delta.save(out_path, overwrite=force)
+    shown = get(plugin).report_table(delta.provenance.get("report") or {})
+    if shown is not None:
+        out.print(shown)
     counts = delta.counts()
     parts = ", ".join(f"{part} {tally['elements']:,}" for part, tally in counts.get("parts", {}).items())
     out.print(f"delta: {out_path} ({counts['tensors']} tensors, {counts['elements']:,} elements: {parts}; "

@@ -57,6 +57,11 @@ class Plugin:
         (what was selected, how many steps...), stored in the delta's provenance."""
         raise NotImplementedError
 
+    def report_table(self, report: dict):
+        """A rich renderable of edit()'s report for `mmedit apply` to print (None: nothing to show).
+        Plugins do not print themselves, so that callers such as `mmedit demo` stay quiet."""
+        return None
+
     # ---- options ------------------------------------------------------------------------------
     def options(self) -> list[dataclasses.Field]:
         return list(dataclasses.fields(self.Config))

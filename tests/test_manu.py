@@ -375,6 +375,7 @@ def test_precomputed_statistics_and_cli(planted, data, llava_dir, tmp_path):
     stats_args = ["--stats", f"forget={files['forget']}", "--stats", f"retain={files['retain']}"]
     result = runner.invoke(app, [*common, *stats_args, "--set", f"plot={plot}", "--out", str(tmp_path / "a.st")])
     assert result.exit_code == 0, result.output
+    assert "vision total" in result.output and "llm total" in result.output  # the plugin's report table
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = runner.invoke(app, [*common, "--out", str(tmp_path / "b.safetensors")])
     assert result.exit_code == 0, result.output

@@ -170,11 +170,13 @@ class MANU(Plugin):
         summary = report.summary(scores, chosen) | {
             "scoring": settings, "statistics": {role: "precomputed" if role in job.stats else "traced"
                                                 for role in STATS_KEYS}}
-        if job.progress:
-            report.show(summary)
         if config.plot:
             report.plot(summary, config.plot)
         return summary
+
+
+    def report_table(self, summary):
+        return report.table(summary)
 
 
 plugin = MANU()

@@ -44,12 +44,6 @@ def table(summary: Mapping) -> Table:
     return table
 
 
-def show(summary: Mapping) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(table(summary))
-
-
 def plot(summary: Mapping, path: str | Path) -> Path:
     """One bar panel per part: selected neurons per layer (share of the layer's width on a second axis)."""
     import matplotlib
