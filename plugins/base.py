@@ -149,13 +149,18 @@ class Job:
     stats: Mapping = field(default_factory=dict)  # precomputed TraceStats by key; see statistics()
     memo: dict | None = None  # shared by several edits of the same base model; see statistics()
 
-    def statistics(self, key: str, compute: Callable, depends_on: Mapping | None = None):
+    def statistics(self, key: str, compute: Callable, depends_on: Mapping | None = None, kind: type | None = None):
         """Precomputed statistics passed as stats[key], else compute() (e.g. a mmedit.trace.trace run).
+        `kind`: the type a precomputed value must have (e.g. TraceStats; `mmedit apply --stats` passes
+        files it cannot read as trace statistics through as paths).
 
         With a memo (apply_plugin(memo=...)), what compute() returns is kept under the key, the options it
         `depends_on` and the data sets, so a later edit asking for the same reuses it."""
         if key in self.stats:
-            return self.stats[key]
+            value = self.stats[key]
+            if kind is not None and not isinstance(value, kind):
+                raise MmeditError(f"statistics {key!r}: {value} is not a {kind.__name__} file (from `mmedit trace`)")
+            return value
         if self.memo is None:
             return compute()
         options = json.dumps(depends_on or {}, sort_keys=True, default=str)

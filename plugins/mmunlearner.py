@@ -54,7 +54,7 @@ def maskable(job, parts) -> list[str]:
 def fisher(job, key: str, rows, form: str, names: list[str], batch_size: int):
     """TraceStats with the Fisher of `names` over `rows` (or the precomputed stats[key])."""
     from mmedit.data.batches import make_batches
-    from mmedit.trace import trace
+    from mmedit.trace import TraceStats, trace
 
     def compute():
         params = dict(job.model.named_parameters())
@@ -65,7 +65,7 @@ def fisher(job, key: str, rows, form: str, names: list[str], batch_size: int):
         return trace(job.model, batches, model_map=job.model_map, parts=("llm",), groups=("all",),
                      fisher_params=names, progress=job.progress, total=-(-len(rows) // batch_size))
 
-    return job.statistics(key, compute, {"form": form, "params": names, "batch_size": batch_size})
+    return job.statistics(key, compute, {"form": form, "params": names, "batch_size": batch_size}, TraceStats)
 
 
 def pooled(sets, name: str) -> torch.Tensor:

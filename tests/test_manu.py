@@ -387,6 +387,9 @@ def test_precomputed_statistics_and_cli(planted, data, llava_dir, tmp_path):
     assert result.exit_code != 0 and "option plot must name a new file" in result.output
     result = runner.invoke(app, [*common, "--stats", "forget", "--out", str(tmp_path / "d.safetensors")])
     assert result.exit_code != 0 and "--stats expects KEY=PATH" in result.output
+    result = runner.invoke(app, [*common, "--stats", f"forget={tmp_path / 'a.st'}", "--out", str(tmp_path / "e.st")])
+    assert result.exit_code == 1 and "a.st is not a TraceStats file" in result.output  # a delta, not statistics
+    assert not (tmp_path / "e.st").exists()
 
 
 # ---- options and report ------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def candidate_sites(model_map, parts) -> list:
 def statistics(job, role: str, rows, config, parts):
     """TraceStats of `rows` in both forms: precomputed job.stats[role], or traced now."""
     from mmedit.data.batches import make_batches
-    from mmedit.trace import trace
+    from mmedit.trace import TraceStats, trace
 
     def compute():
         job.model.eval()
@@ -97,7 +97,7 @@ def statistics(job, role: str, rows, config, parts):
                      tau=config.tau, meta=meta, progress=job.progress, total=2 * -(-len(rows) // config.batch_size))
 
     return job.statistics(role, compute, {"parts": parts, "positions": config.positions, "tau": config.tau,
-                                          "batch_size": config.batch_size})
+                                          "batch_size": config.batch_size}, TraceStats)
 
 
 def check_statistics(stats, role: str, rows, config, model_map, sites) -> None:
