@@ -101,7 +101,7 @@ def demo_command(
     out.print(f"evaluated {len(people['forget'])} forget, {len(people['test'])} test (other pictures) and "
               f"{len(people['retain'])} of the retain people; wall {record['timings']['total_s']:.0f} s, "
               f"peak memory {record['peak_memory_mb']:.0f} MB", highlight=False)
-    out.print(f"report: {out_dir / demo.REPORT}, plot: {out_dir / 'demo.png'}, "
+    out.print(f"report: {out_dir / demo.REPORT} (table: {demo.MARKDOWN}), plot: {out_dir / 'demo.png'}, "
               f"trace: {out_dir / 'trace-forget.png'}", highlight=False, soft_wrap=True)
 
 
