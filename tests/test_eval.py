@@ -188,3 +188,23 @@ def test_report_compare_and_table():
     assert report.compare({"forget": {"Pure_Text": {"gen_acc": 0.0}}}, base)["forget"]["Pure_Text"]["gen_acc"][
         "forgetting_rate"] is None
     assert report.table({"base": base, "edited": edited}).row_count == 2
+
+
+def test_answer_prob_is_the_correct_options_per_token_probability(fast, loaded):
+    """answer_prob = exp(mean log-probability of the correct option's labelled tokens), from a plain forward."""
+    from mmedit.data.batches import make_batches
+
+    model, processor = loaded
+    rows = [row for row in profiles.load(fast.data).rows("forget10") if row.options][:3]
+    records = harness.evaluate(model, processor, {"f": rows}, forms=("text",), letters=False, progress=False)
+    got = {r.row: r.value for r in records if r.metric == "answer_prob"}
+    for row in rows:
+        correct = Row(**{**row.__dict__, "answer": row.options[row.correct]})
+        batch = next(make_batches([correct], processor, form="text", batch_size=1))
+        labels = batch.inputs["labels"]
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.inputs.items() if k != "labels"}).logits
+        mask = labels[0, 1:] != -100
+        logprobs = logits[0, :-1].log_softmax(-1)[mask].gather(-1, labels[0, 1:][mask].unsqueeze(-1))
+        assert got[row.id] == pytest.approx(float(logprobs.mean().exp()), rel=1e-4)
+    assert 0 < min(got.values()) <= max(got.values()) <= 1

@@ -10,6 +10,8 @@ Which rows feed which metric (every row in both forms; Image_Textual only for ro
 | has options                  | `choice_acc`        | each option scored as the answer: summed log-probability of  |
 |                              |                     | its tokens (and the closing eos) after the plain question;    |
 |                              |                     | the most likely option is the model's choice                 |
+| has options                  | `answer_prob`       | the correct option's per-token probability (geometric mean   |
+|                              |                     | over its tokens): moves before any choice flips               |
 | has options                  | `choice_letter_acc` | the question with lettered options (MLLMU-Bench's prompt);   |
 |                              |                     | the generated letter, read by metrics.parse_choice            |
 | task "qa" without options    | `rougeL`, `gen_acc` | greedy generation: ROUGE-L F1, and whether the answer occurs  |
@@ -42,7 +44,7 @@ from mmedit.eval import metrics
 from mmedit.progress import track
 
 FORMS = {"multimodal": "Image_Textual", "text": "Pure_Text"}  # batches' form -> the report's name
-METRICS = ("choice_acc", "choice_letter_acc", "rougeL", "gen_acc", "cloze_acc")
+METRICS = ("choice_acc", "answer_prob", "choice_letter_acc", "rougeL", "gen_acc", "cloze_acc")
 # LLaVA's (and MLLMU-Bench's) instruction after a lettered list of options
 LETTER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
@@ -196,17 +198,24 @@ def _device(model) -> torch.device:
 def _score_options(model, processor, rows, split, form, batch_size, max_new_tokens, records):
     candidates = [dataclasses.replace(row, answer=option) for row in rows for option in row.options]
     scores: list[float] = []
+    tokens: list[int] = []
     for batch in make_batches(candidates, processor, form=form, batch_size=batch_size, device=_device(model)):
         inputs = dict(batch.inputs)
         labels = inputs.pop("labels")
         scores += _answer_loglik(model(**inputs).logits, labels).tolist()
+        tokens += (labels[:, 1:] != -100).sum(dim=1).tolist()
         yield
     start = 0
     for row in rows:
         chosen = metrics.choice_from_logliks(scores[start:start + len(row.options)])
-        start += len(row.options)
         records.append(Record(split, FORMS[form], "choice_acc", row.id, row.entity, float(chosen == row.correct),
                               row.options[chosen]))
+        # per-token probability of the correct answer (geometric mean, TOFU's "probability"): a continuous
+        # measure that moves before any choice flips
+        correct = start + row.correct
+        probability = math.exp(scores[correct] / max(tokens[correct], 1))
+        records.append(Record(split, FORMS[form], "answer_prob", row.id, row.entity, probability, f"{probability:.4f}"))
+        start += len(row.options)
 
 
 def _answer_loglik(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
