@@ -8,6 +8,7 @@ with train/eval modes, requires_grad flags and .grad. Tensors outside the declar
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -58,6 +59,9 @@ def apply_plugin(
     original = {n: p.detach().clone() for n, p in declared.items()}
     watched = _watch(model, declared)
     state = _state(model)
+    if memo is not None:  # statistics stay valid for this plugin, these weights, this seed and these data
+        scope = (name, seed, _fingerprint(model), *(rows_sha256(rows) for rows in (forget, retain, text_retain)))
+        memo = memo.setdefault(scope, {})
     job = Job(model, processor, mapping, forget, retain, text_retain, seed, progress, original, stats or {}, memo)
     try:
         with torch.random.fork_rng(devices=_cuda_devices(model)):
@@ -83,6 +87,20 @@ def apply_plugin(
             for n, p in declared.items():
                 p.copy_(original[n])
         _restore(model, state)
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    """A digest of the weights (per tensor: float64 sum and norm) that tells a memo the base model changed,
+    e.g. a delta applied between two edits; computed on the tensors' own device without copying them."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() or tensor.is_complex():
+                numbers = (tensor.sum(dtype=torch.float64), torch.linalg.vector_norm(tensor, dtype=torch.float64))
+            else:
+                numbers = (tensor.sum(), tensor.numel())
+            digest.update(f"{name}:{tuple(tensor.shape)}:{[float(x) for x in numbers]};".encode())
+    return digest.hexdigest()
 
 
 def _watch(model: torch.nn.Module, declared: Mapping) -> dict[str, tuple[int, int]]:

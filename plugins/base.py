@@ -147,24 +147,28 @@ class Job:
     progress: bool
     original: dict[str, torch.Tensor]  # the declared parts' parameters before the edit (read-only)
     stats: Mapping = field(default_factory=dict)  # precomputed TraceStats by key; see statistics()
-    memo: dict | None = None  # shared by several edits of the same base model; see statistics()
+    memo: dict | None = None  # this plugin's share of apply_plugin(memo=...); see statistics()
+    sources: dict = field(default_factory=dict)  # key -> "precomputed", "computed" or "reused"
 
     def statistics(self, key: str, compute: Callable, depends_on: Mapping | None = None, kind: type | None = None):
         """Precomputed statistics passed as stats[key], else compute() (e.g. a mmedit.trace.trace run).
         `kind`: the type a precomputed value must have (e.g. TraceStats; `mmedit apply --stats` passes
         files it cannot read as trace statistics through as paths).
 
-        With a memo (apply_plugin(memo=...)), what compute() returns is kept under the key, the options it
-        `depends_on` and the data sets, so a later edit asking for the same reuses it."""
+        `depends_on`: every option the result depends on. Given that, and a memo (apply_plugin(memo=...),
+        which is already specific to this plugin, base weights, seed and data), what compute() returns is
+        kept and a later edit asking for the same key and options reuses it. Without it nothing is kept."""
         if key in self.stats:
             value = self.stats[key]
             if kind is not None and not isinstance(value, kind):
                 raise MmeditError(f"statistics {key!r}: {value} is not a {kind.__name__} file (from `mmedit trace`)")
+            self.sources[key] = "precomputed"
             return value
-        if self.memo is None:
+        if self.memo is None or depends_on is None:
+            self.sources[key] = "computed"
             return compute()
-        options = json.dumps(depends_on or {}, sort_keys=True, default=str)
-        memo_key = (key, options, *(rows_sha256(rows) for rows in (self.forget, self.retain, self.text_retain)))
+        memo_key = (key, json.dumps(depends_on, sort_keys=True, default=str))
+        self.sources[key] = "reused" if memo_key in self.memo else "computed"
         if memo_key not in self.memo:
             self.memo[memo_key] = compute()
         return self.memo[memo_key]

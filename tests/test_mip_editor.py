@@ -267,3 +267,12 @@ def test_paths_cli_and_apply_stats(rows, tmp_path):
     header = Delta.load(out).header()
     assert header["files"]["stats/paths"]["path"] == str(tmp_path / "p.safetensors")
     assert header["report"]["paths"] == NeuronPaths.load(tmp_path / "p.safetensors").summary()
+    # a trace file where a paths file belongs: one error line, nothing written
+    traced = runner.invoke(app, ["trace", str(model_dir), "--data", str(forget), "--device", "cpu",
+                                 "--out", str(tmp_path / "t.safetensors")])
+    assert traced.exit_code == 0, traced.output
+    wrong = runner.invoke(app, ["apply", "mip_editor", str(model_dir), "--forget", str(forget), "--retain",
+                                str(retain), "--stats", f"paths={tmp_path / 't.safetensors'}", "--device", "cpu",
+                                "--out", str(tmp_path / "e.safetensors")])
+    assert wrong.exit_code == 1 and "expected a paths file" in wrong.output and "got TraceStats" in wrong.output
+    assert not (tmp_path / "e.safetensors").exists()

@@ -358,7 +358,8 @@ def test_apply_cli(tmp_path, rows, model_dir):
 
 def test_memo_reuses_statistics_only_when_their_options_match(llava, rows, monkeypatch):
     """apply_plugin(memo=...): a second edit that needs the same statistics reuses them (same delta bytes as
-    computing them afresh); one whose statistics depend on a changed option computes its own."""
+    computing them afresh); a changed option they depend on, other data, another plugin or changed base
+    weights compute their own."""
     import mmedit.trace as tracing
 
     model, processor = llava
@@ -368,13 +369,48 @@ def test_memo_reuses_statistics_only_when_their_options_match(llava, rows, monke
     monkeypatch.setattr(tracing, "trace", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     memo: dict = {}
     first = apply_plugin("manu", model, processor, forget, retain, {"alpha": 2.0}, memo=memo, progress=False)
-    traced = len(calls)
-    assert traced == 2 and len(memo) == 2  # forget and retain statistics
+    assert len(calls) == 2 and first.header()["report"]["statistics"] == {"forget": "computed", "retain": "computed"}
     second = apply_plugin("manu", model, processor, forget, retain, {"alpha": 5.0}, memo=memo, progress=False)
-    assert len(calls) == traced  # reused
-    fresh = apply_plugin("manu", model, processor, forget, retain, {"alpha": 5.0}, progress=False)
-    assert second.checksum == fresh.checksum and first.checksum != second.checksum
+    assert len(calls) == 2 and second.header()["report"]["statistics"] == {"forget": "reused", "retain": "reused"}
+    fresh = apply_plugin("manu", model, processor, forget, retain, {"alpha": 5.0}, progress=False)  # traces 2
+    assert second.changes.keys() == fresh.changes.keys() and all(
+        torch.equal(c.index, fresh.changes[n].index) for n, c in second.changes.items())
     apply_plugin("manu", model, processor, forget, retain, {"alpha": 5.0, "tau": 0.5}, memo=memo, progress=False)
-    assert len(calls) == traced + 4 and len(memo) == 4  # tau changes the statistics: traced again, kept apart
-    other = apply_plugin("manu", model, processor, forget[:3], retain, {"alpha": 5.0}, memo=memo, progress=False)
-    assert len(calls) == traced + 6 and other.checksum != second.checksum  # other data, other statistics
+    assert len(calls) == 6  # tau changes the statistics: traced again
+    apply_plugin("manu", model, processor, forget[:3], retain, {"alpha": 5.0}, memo=memo, progress=False)
+    assert len(calls) == 8  # other data
+    with second.applied(model):  # other base weights: nothing reused
+        apply_plugin("manu", model, processor, forget, retain, {"alpha": 5.0}, memo=memo, progress=False)
+    assert len(calls) == 10
+    apply_plugin("manu", model, processor, forget, retain, {"alpha": 5.0}, memo=memo, progress=False)
+    assert len(calls) == 10  # the original weights again: reused
+
+
+def test_memo_is_kept_per_plugin_and_only_with_declared_dependencies(llava, rows, monkeypatch):
+    """Two plugins asking for the same key never see each other's result; a result without depends_on
+    is never kept."""
+    import mmedit.plugins.apply as applying
+
+    class Asks(Plugin):
+        Config = BaselineConfig
+        needs_retain = False
+        jobs: list = []
+
+        def parts(self, config):
+            return ("projector",)
+
+        def edit(self, job, config):
+            Asks.jobs.append(job)
+            return {"value": job.statistics("forget", lambda: self.name, {"x": 1}),
+                    "undeclared": job.statistics("other", lambda: f"{self.name} {len(Asks.jobs)}")}
+
+    plugins = {name: type(name, (Asks,), {"name": name})() for name in ("asks_a", "asks_b")}
+    monkeypatch.setattr(applying, "get", lambda name: plugins[name])
+    monkeypatch.setattr(applying, "package_of", lambda name: "test")
+    model, processor = llava
+    memo: dict = {}
+    reports = [apply_plugin(name, model, processor, rows[:2], [], memo=memo, progress=False).header()["report"]
+               for name in ("asks_a", "asks_b", "asks_a")]
+    assert [r["value"] for r in reports] == ["asks_a", "asks_b", "asks_a"]
+    assert [r["undeclared"] for r in reports] == ["asks_a 1", "asks_b 2", "asks_a 3"]  # recomputed every time
+    assert [job.sources["forget"] for job in Asks.jobs] == ["computed", "computed", "reused"]

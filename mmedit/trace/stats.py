@@ -35,8 +35,8 @@ class Accumulator:
     """Adds one batch of activations (and gradients) of one site into running sums.
 
     Each (site, form) keeps one float64 block [fields, groups, width] that a batch updates with one
-    matmul and one add (on a GPU, a few kernels per site instead of one per field and group); result()
-    splits the blocks into the per-key tensors of TraceStats."""
+    matmul per field and a single add (on a GPU, a few kernels per site instead of one per field and
+    group); result() splits the blocks into the per-key tensors of TraceStats."""
 
     def __init__(self, tau: float = 0.1):
         self.tau = tau
@@ -56,16 +56,19 @@ class Accumulator:
         """values/grads: [..., width]; masks: group -> bool tensor of values.shape[:-1]."""
         width = values.shape[-1]
         z = values.detach().reshape(-1, width).float()
+        g = None if grads is None else grads.detach().reshape(-1, width).float()
         groups = tuple(masks)
-        weights = torch.stack([masks[g].reshape(-1) for g in groups]).to(z.dtype)
+        weights = torch.stack([masks[group].reshape(-1) for group in groups]).to(z.dtype)
+        columns = [lambda: z, z.abs, z.square, lambda: (z.abs() > self.tau).to(z.dtype)]
         fields = ACTIVATION_FIELDS[1:]
-        columns = [z, z.abs(), z.square(), (z.abs() > self.tau).to(z.dtype)]
-        if grads is not None:
-            g = grads.detach().reshape(-1, width).float()
+        if g is not None:
+            columns += [g.abs, g.square, lambda: g * z]
             fields += GRADIENT_FIELDS
-            columns += [g.abs(), g.square(), g * z]
-        # Every masked sum of every field in one [groups, positions] @ [positions, fields * width] matmul.
-        sums = (weights @ torch.cat(columns, dim=1)).view(len(groups), len(fields), width).transpose(0, 1)
+        # Every masked sum as a [groups, positions] @ [positions, width] matmul written into one block, one
+        # column at a time (peak memory: one extra activation-sized tensor).
+        sums = z.new_empty(len(fields), len(groups), width)
+        for index, column in enumerate(columns):
+            torch.matmul(weights, column(), out=sums[index])
         key = (site, form, groups, fields)
         if key in self.blocks:
             self.blocks[key] += sums

@@ -168,8 +168,7 @@ class MANU(Plugin):
         chosen = scoring.select(scores, config.alpha, config.within)
         prune(job.model, job.model_map, chosen, config.soft)
         summary = report.summary(scores, chosen) | {
-            "scoring": settings, "statistics": {role: "precomputed" if role in job.stats else "traced"
-                                                for role in STATS_KEYS}}
+            "scoring": settings, "statistics": {role: job.sources[role] for role in STATS_KEYS}}
         if config.plot:
             report.plot(summary, config.plot)
         return summary

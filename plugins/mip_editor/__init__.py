@@ -31,6 +31,7 @@ producer row of the searched parts instead of the path rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -116,8 +117,11 @@ def get_paths(job, config) -> NeuronPaths:
 
     paths = job.statistics("paths", compute, {"parts": parts, "steps": config.steps, "top_k": config.top_k,
                                               "positions": config.positions, "batch": config.search_batch})
-    if not isinstance(paths, NeuronPaths):
+    if isinstance(paths, (str, Path)):
         paths = NeuronPaths.load(paths)
+    elif not isinstance(paths, NeuronPaths):
+        raise MmeditError(f"statistics 'paths': expected a paths file (python -m mmedit.plugins.mip_editor find), "
+                          f"got {type(paths).__name__}")
     paths.check(job.model_map)
     paths = NeuronPaths({n: i for n, i in paths.neurons.items() if n.split(".")[0] in parts},
                         {n: s for n, s in paths.scores.items() if n.split(".")[0] in parts}, paths.meta)
