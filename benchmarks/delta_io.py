@@ -91,10 +91,11 @@ def timed(function, repeat: int) -> float:
     return statistics.median(times)
 
 
-def synchronize() -> None:
-    """Wait for queued GPU work, so that timers see it (no-op on CPU)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+def synchronize(model: torch.nn.Module) -> None:
+    """Wait for the model's queued GPU work, so that timers see it (no-op on CPU)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def apply_revert(models: dict, delta: Delta, directory: Path, repeat: int) -> dict:
@@ -107,13 +108,13 @@ def apply_revert(models: dict, delta: Delta, directory: Path, repeat: int) -> di
     delta.revert(next(iter(models.values())))
     for _ in range(repeat):
         for label, model in models.items():
-            synchronize()
+            synchronize(model)
             start = time.perf_counter()
             delta.apply(model)
-            synchronize()
+            synchronize(model)
             middle = time.perf_counter()
             delta.revert(model)
-            synchronize()
+            synchronize(model)
             times[label]["apply"].append((middle - start) * 1000)
             times[label]["revert"].append((time.perf_counter() - middle) * 1000)
     for label, measured in times.items():

@@ -119,7 +119,8 @@ def main() -> None:
                     and torch.allclose(batched.scores[n], loop.scores[n], rtol=1e-4, atol=1e-6) for n in loop.neurons)
                 # neurons in one search's paths but not the other's (near-ties can flip under other rounding)
                 differing = sum(len(set(batched.neurons.get(n, torch.tensor([])).tolist())
-                                    ^ set(loop.neurons[n].tolist())) for n in loop.neurons)
+                                    ^ set(loop.neurons.get(n, torch.tensor([])).tolist()))
+                                for n in {*loop.neurons, *batched.neurons})
                 results[part]["variants"][name] = {"seconds": round(seconds, 2), "cpu_s": round(cpu, 2),
                                                    "speedup": round(loop_s / seconds, 1),
                                                    "cpu_speedup": round(loop_cpu / cpu, 1), "same_paths": same,

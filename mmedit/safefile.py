@@ -6,18 +6,32 @@ import json
 import os
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mmedit.errors import MmeditError
+
+if TYPE_CHECKING:  # safefile stays importable without torch (the data and zoo commands use it)
+    import torch
 
 
 def make_ordinary(path: str | Path) -> None:
     """Give a temp file or folder (mkstemp/mkdtemp make them private) the permissions a plain open() or
     mkdir would have given it under the current umask, before it is renamed into place."""
-    mask = os.umask(0)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only be read by
+    setting it, which would briefly expose files other threads create)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)  # the safe fallback: anything created meanwhile is private, not open
     os.umask(mask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+    return mask
 
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], key: str, header: dict, force: bool = False) -> Path:

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from mmedit.errors import MmeditError
+from mmedit.safefile import make_ordinary
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics2", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama")
 
@@ -139,6 +140,7 @@ def write(family: str, path: str | Path, seed: int = 0, force: bool = False) -> 
         model, processor = build(family, seed)
         model.save_pretrained(temp)
         processor.save_pretrained(temp)
+        make_ordinary(temp)
         if path.exists():  # force: the old directory goes only once the new one is complete
             shutil.rmtree(path)
         os.replace(temp, path)

@@ -203,6 +203,7 @@ def test_written_files_get_the_umask_permissions(tmp_path):
     import os
     import stat
 
+    from mmedit import zoo
     from mmedit.eval.report import write_json
     from mmedit.trace.stats import Accumulator
 
@@ -214,6 +215,8 @@ def test_written_files_get_the_umask_permissions(tmp_path):
         written = [Delta.from_changes({"w": (old, old + 1)}).save(tmp_path / "d.safetensors"),
                    accumulator.result({}).save(tmp_path / "t.safetensors"),
                    write_json({"a": 1}, tmp_path / "r.json")]
+        folder = zoo.write("llava", tmp_path / "tiny")  # a folder swapped in from a temp dir
     finally:
         os.umask(previous)
     assert [stat.S_IMODE(path.stat().st_mode) for path in written] == [0o644] * 3
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755

@@ -17,7 +17,7 @@ from mmedit.data.batches import make_batches
 from mmedit.data.rows import write_jsonl
 from mmedit.delta import Delta
 from mmedit.loading import load
-from mmedit.plugins import apply_plugin, available
+from mmedit.plugins import apply_plugin, available, get
 from mmedit.plugins.mip_editor.paths import find_paths
 from mmedit.trace import trace
 
@@ -73,20 +73,32 @@ def test_trace_on_gpu_equals_cpu(model_dir, rows):
 @pytest.mark.parametrize("name", sorted(available()))
 def test_plugin_conforms_on_gpu(name, model_dir, rows, tmp_path):
     """The whole conformance contract (parts, provenance, exact revert, same seed -> same bytes) with the
-    model on the GPU; the delta, saved from GPU tensors, loads onto the CPU copy of the model."""
+    model on the GPU, and the GPU edit against the same edit made on the CPU: the same tensors change;
+    at least 99 % of their weights agree within two optimiser steps' worth."""
     model, processor = load(model_dir, device="cuda")
-    delta = conforms(name, model, processor, rows, tmp_path)
+    conforms(name, model, processor, rows, tmp_path)
+    plugin = get(name)
+    short = {"max_steps": 2} if "max_steps" in {f.name for f in plugin.options()} else {}
+    forget, retain = rows[:4], rows[4:]
+    on_gpu = apply_plugin(name, model, processor, forget, retain, short, seed=3, progress=False)
     cpu_model, _ = load(model_dir, device="cpu")
-    saved = delta.save(tmp_path / f"{name}-gpu.safetensors")
-    Delta.load(saved).apply(cpu_model)
-    delta.apply(model)
-    gpu_weights = dict(model.named_parameters())
-    for key in delta.changes:
-        assert torch.equal(dict(cpu_model.named_parameters())[key].detach(), gpu_weights[key].detach().cpu()), key
+    on_cpu = apply_plugin(name, cpu_model, processor, forget, retain, short, seed=3, progress=False)
+    assert on_gpu.changes.keys() == on_cpu.changes.keys()
+    lr = float(plugin.configure(short).__dict__.get("lr", 0.0))
+    edited = {}
+    for delta, label in ((on_gpu, "gpu"), (on_cpu, "cpu")):
+        copy, _ = load(model_dir, device="cpu")
+        Delta.load(delta.save(tmp_path / f"{name}-{label}.safetensors")).apply(copy)  # GPU deltas load on CPU
+        edited[label] = dict(copy.named_parameters())
+    for key in on_cpu.changes:
+        # 2 Adam steps move a weight by at most ~2 lr, and device rounding can flip the sign of a tiny
+        # gradient; a selection (MANU's top alpha %, MIP-Editor's top-k) can swap near-tied neurons
+        close = (edited["gpu"][key] - edited["cpu"][key]).abs() <= 4 * lr + 1e-5
+        assert close.float().mean() >= 0.99, f"{key}: {1 - close.float().mean():.2%} of the weights differ"
 
 
-def test_paths_on_gpu_batched_equal_loop_and_cpu(rows):
-    model_dir = zoo.tiny("llava")
+def test_paths_on_gpu_batched_equal_loop_and_cpu(rows, tmp_path):
+    model_dir = zoo.tiny("llava", root=tmp_path / "zoo")
     cpu_model, processor = load(model_dir, device="cpu")
     gpu_model, _ = load(model_dir, device="cuda")
     options = dict(steps=3, top_k=3)
@@ -104,7 +116,7 @@ def test_paths_on_gpu_batched_equal_loop_and_cpu(rows):
 
 def test_bfloat16_on_gpu(rows, tmp_path):
     """bf16 weights on the GPU: trace statistics stay float64 and finite; an edit reverts bit for bit."""
-    model, processor = load(zoo.tiny("llava"), device="cuda", dtype="bfloat16")
+    model, processor = load(zoo.tiny("llava", root=tmp_path / "zoo"), device="cuda", dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
     stats = trace(model, make_batches(rows, processor, "multimodal", batch_size=4), grads=True, progress=False)
     assert all(t.dtype in (torch.float64, torch.float32) and bool(t.isfinite().all()) for t in stats.tensors.values())
@@ -121,7 +133,7 @@ def test_bfloat16_on_gpu(rows, tmp_path):
 def test_cli_on_gpu(rows, tmp_path):
     """trace, apply and merge with --device cuda through Typer; `mmedit demo --fast --device cuda` (trace,
     every plugin, eval) as a real process."""
-    model_dir = zoo.tiny("llava")
+    model_dir = zoo.tiny("llava", root=tmp_path / "zoo")
     forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
     write_jsonl(rows[:4], forget)
     write_jsonl(rows[4:], retain)

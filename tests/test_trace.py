@@ -162,10 +162,11 @@ def test_trace_cli(tmp_path, rows):
     model_dir = str(zoo.tiny("llava"))
     runner = CliRunner()
     out = tmp_path / "stats.safetensors"
+    before = torch.get_num_threads()
     result = runner.invoke(app, ["trace", model_dir, "--data", str(data), "--grads", "--out", str(out),
                                  "--plot", str(tmp_path / "heat.png"), "--batch-size", "3", "--threads", "2"])
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # back to the test session's
+    torch.set_num_threads(before)
     assert result.exit_code == 0, result.output
     assert threads == 2
     assert "llm.1" in result.output and (tmp_path / "heat.png").stat().st_size > 1000

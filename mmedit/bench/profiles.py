@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mmedit.bench.portraits import MIN_DIFFERENCES, Look, alternative_views, differences, portrait, random_look, render
 from mmedit.data.mllmu import row_id, write_parquet
+from mmedit.safefile import make_ordinary
 from mmedit.data.rows import Row, read_jsonl, write_jsonl
 from mmedit.errors import MmeditError
 
@@ -216,6 +217,7 @@ def generate(out_dir: str | Path, n_people: int = 50, seed: int = 0, image_size:
     temp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
     try:
         _write(temp, people, settings)
+        make_ordinary(temp)
         _swap_in(temp, root)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

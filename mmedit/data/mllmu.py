@@ -31,6 +31,7 @@ from pathlib import Path
 
 from mmedit.data.rows import Row, read_jsonl
 from mmedit.errors import MmeditError
+from mmedit.safefile import make_ordinary
 
 LETTERS = ("A", "B", "C", "D")
 FORMS = ("Image_Textual", "Pure_Text")
@@ -353,6 +354,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(handle)
     try:
         write(temp)
+        make_ordinary(temp)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -20,6 +20,7 @@ import torch
 
 from mmedit.delta.core import Delta
 from mmedit.errors import MmeditError
+from mmedit.safefile import make_ordinary
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 _CARD_BEGIN = "\n<!-- mmedit deltas: begin -->\n"
@@ -182,6 +183,7 @@ def _write_checkpoint(model: torch.nn.Module, source: Path, out: Path, readme: s
             if file.is_file():
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
+        make_ordinary(temp)
         _swap_into_place(temp, out)
     except BaseException as error:
         shutil.rmtree(temp, ignore_errors=True)

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from mmedit.safefile import make_ordinary
+
 
 def summary(scores: Mapping, chosen: Mapping[str, torch.Tensor]) -> dict:
     """{"selected": {part: {neurons, of, threshold, layers: [{layer, site, selected, width, max_score}]}}}.
@@ -69,6 +71,7 @@ def plot(summary: Mapping, path: str | Path) -> Path:
     os.close(handle)
     try:
         figure.savefig(temporary, dpi=120, format="png")
+        make_ordinary(temporary)
         os.replace(temporary, path)
     finally:
         plt.close(figure)
