@@ -59,8 +59,10 @@ def apply_plugin(
     original = {n: p.detach().clone() for n, p in declared.items()}
     watched = _watch(model, declared)
     state = _state(model)
+    data = {key: {"rows": len(rows), "sha256": rows_sha256(rows)}
+            for key, rows in (("forget", forget), ("retain", retain), ("text_retain", text_retain))}
     if memo is not None:  # statistics stay valid for this plugin, these weights, this seed and these data
-        scope = (name, seed, _fingerprint(model), *(rows_sha256(rows) for rows in (forget, retain, text_retain)))
+        scope = (name, seed, _fingerprint(model), *(entry["sha256"] for entry in data.values()))
         memo = memo.setdefault(scope, {})
     job = Job(model, processor, mapping, forget, retain, text_retain, seed, progress, original, stats or {}, memo)
     try:
@@ -75,8 +77,7 @@ def apply_plugin(
             "plugin": {"name": name, "version": plugin.version, "package": package_of(name)},
             "config": dataclasses.asdict(config),
             "seed": seed,
-            "data": {key: {"rows": len(rows), "sha256": rows_sha256(rows)}
-                     for key, rows in (("forget", forget), ("retain", retain), ("text_retain", text_retain))},
+            "data": data,
             "report": report or {},
         }
         record.update(provenance or {})

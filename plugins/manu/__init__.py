@@ -173,7 +173,6 @@ class MANU(Plugin):
             report.plot(summary, config.plot)
         return summary
 
-
     def report_table(self, summary):
         return report.table(summary)
 
