@@ -1,5 +1,6 @@
 """Evaluation harness and `mmedit eval`: lettered prompts, option log-likelihoods by hand, set discovery,
 and a delta whose effect is known exactly (two people's name embeddings swapped) on the fast embedded model."""
+import dataclasses
 import json
 
 import pytest
@@ -199,7 +200,7 @@ def test_answer_prob_is_the_correct_options_per_token_probability(fast, loaded):
     records = harness.evaluate(model, processor, {"f": rows}, forms=("text",), letters=False, progress=False)
     got = {r.row: r.value for r in records if r.metric == "answer_prob"}
     for row in rows:
-        correct = Row(**{**row.__dict__, "answer": row.options[row.correct]})
+        correct = dataclasses.replace(row, answer=row.options[row.correct])
         batch = next(make_batches([correct], processor, form="text", batch_size=1))
         labels = batch.inputs["labels"]
         with torch.no_grad():
