@@ -1,10 +1,21 @@
-"""mmedit's artifact files (trace statistics, neuron paths): safetensors + one JSON header, written
-atomically (temp file + rename), read back with one clear error for anything that is not the kind asked."""
+"""Writing files safely, once for all of mmedit: `atomic_file` and `atomic_dir` (temp + fsync + rename,
+umask permissions, never a partial output) and mmedit's artifact files (trace statistics, neuron paths):
+safetensors + one JSON header, read back with one clear error for anything that is not the kind asked.
+
+    with atomic_file("out.png", force=False) as temp:    # write temp; it is renamed over out.png on exit
+        figure.savefig(temp)
+    with atomic_dir("tiny-llava", force=True) as temp:   # fill temp; it replaces tiny-llava in one rename
+        model.save_pretrained(temp)
+"""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,24 +45,120 @@ def _umask() -> int:
     return mask
 
 
+def check_writable(path: str | Path, force: bool = False) -> Path:
+    """Refuse early what atomic_file/atomic_dir would refuse late: an existing `path` without force, or
+    a parent folder that cannot take a new file."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise MmeditError(f"{path} already exists; pass --force to replace it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MmeditError(f"cannot write {path}: {parent} is not a writable folder")
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)  # make the rename itself durable
+    finally:
+        os.close(handle)
+
+
+def _fsync_tree(root: Path) -> None:
+    for file in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside `path`; when the block ends it is fsynced, given umask permissions and
+    renamed over `path`. On any error (disk full, Ctrl-C) the temp file goes and `path` is as it was;
+    errors other than MmeditError and KeyboardInterrupt become one MmeditError naming `path`."""
+    path = check_writable(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temp = Path(temp)
+    try:
+        yield temp
+        _fsync_tree(temp)
+        make_ordinary(temp)
+        if path.exists() and not force:  # created meanwhile by another process: never replace it silently
+            raise MmeditError(f"{path} already exists (written by another process meanwhile); nothing replaced")
+        os.replace(temp, path)
+        _fsync_dir(path.parent)
+    except Exception as error:
+        raise _one_line(error, path) from error
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; when the block ends its files are fsynced and it replaces
+    `path` in one rename (an existing `path`, allowed by force, is exchanged atomically and removed)."""
+    path = check_writable(path, force)
+    if path.exists() and not path.is_dir():
+        raise MmeditError(f"{path} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield temp
+        _fsync_tree(temp)
+        make_ordinary(temp)
+        if path.exists() and not force:
+            raise MmeditError(f"{path} already exists (written by another process meanwhile); nothing replaced")
+        swap_dir(temp, path)
+        _fsync_dir(path.parent)
+    except Exception as error:
+        raise _one_line(error, path) from error
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def swap_dir(new: Path, target: Path) -> None:
+    """Rename folder `new` to `target`; an existing target is exchanged atomically (Linux renameat2) and
+    the old tree removed."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    if not _exchange(new, target):  # no renameat2: two renames, the old tree kept until the new one is in
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, backup)
+        os.rename(new, target)
+        new = backup
+    shutil.rmtree(new)  # after the exchange `new` holds the old tree
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
+
+
+def _one_line(error: BaseException, path: Path) -> BaseException:
+    if isinstance(error, MmeditError):
+        return error
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return MmeditError(f"could not write {path}: {first}")
+
+
 def save(path: str | Path, tensors: dict[str, torch.Tensor], key: str, header: dict, force: bool = False) -> Path:
     """Write tensors + header (JSON under metadata[key]); an existing file needs force."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.exists() and not force:
-        raise MmeditError(f"{path} exists; pass --force to overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_file(path, force=force) as temporary:
         save_file({name: value.contiguous() for name, value in tensors.items()}, temporary,
                   {key: json.dumps(header, sort_keys=True)})
-        make_ordinary(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return path
 
 

@@ -47,6 +47,10 @@ class Plugin:
     description: str = ""  # one line, shown by `mmedit plugins`
     Config: type = object  # a dataclass whose fields are the options, defaults = the paper's
     needs_retain: bool = True  # False: the retain set is optional
+    # Named option sets that fit a setting the paper defaults do not, e.g. presets["embedded"]: the
+    # settings `mmedit demo` runs on mmedit's tiny embedded model (trained at lr 1e-3, where the papers'
+    # lr 1e-5 moves nothing). Each is a dict of option overrides, checked by configure() like --set.
+    presets: Mapping[str, Mapping[str, object]] = {}
 
     def parts(self, config) -> tuple[str, ...]:
         """The parts (vision, projector, llm) the edit may change; nothing outside them may move."""
