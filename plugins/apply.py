@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from mmedit.errors import MmeditError
+from mmedit.modelstate import preserved
 from mmedit.plugins.base import Job, rows_sha256
 from mmedit.plugins.registry import get, package_of
 
@@ -58,7 +59,6 @@ def apply_plugin(
     declared = {n: p for n, p in model.named_parameters() if (mapping.part_of(n) or (None,))[0] in parts}
     original = {n: p.detach().clone() for n, p in declared.items()}
     watched = _watch(model, declared)
-    state = _state(model)
     data = {key: {"rows": len(rows), "sha256": rows_sha256(rows)}
             for key, rows in (("forget", forget), ("retain", retain), ("text_retain", text_retain))}
     if memo is not None:  # statistics stay valid for this plugin, these weights, this seed and these data
@@ -66,7 +66,7 @@ def apply_plugin(
         memo = memo.setdefault(scope, {})
     job = Job(model, processor, mapping, forget, retain, text_retain, seed, progress, original, stats or {}, memo)
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(model)):
+        with preserved(model), torch.random.fork_rng(devices=_cuda_devices(model)):
             torch.manual_seed(seed)
             report = plugin.edit(job, config)
         moved = [n for n, mark in _watch(model, declared).items() if watched[n] != mark]
@@ -87,7 +87,6 @@ def apply_plugin(
         with torch.no_grad():
             for n, p in declared.items():
                 p.copy_(original[n])
-        _restore(model, state)
 
 
 def _fingerprint(model: torch.nn.Module) -> str:
@@ -108,19 +107,6 @@ def _watch(model: torch.nn.Module, declared: Mapping) -> dict[str, tuple[int, in
     """(storage address, in-place version) of every tensor outside the declared parts."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
     return {n: (t.data_ptr(), t._version) for n, t in tensors if n not in declared}
-
-
-def _state(model: torch.nn.Module) -> dict:
-    return {"training": [m.training for m in model.modules()],
-            "requires_grad": [p.requires_grad for p in model.parameters()]}
-
-
-def _restore(model: torch.nn.Module, state: dict) -> None:
-    for module, training in zip(model.modules(), state["training"]):
-        module.training = training
-    for p, flag in zip(model.parameters(), state["requires_grad"]):
-        p.requires_grad_(flag)
-        p.grad = None
 
 
 def _cuda_devices(model: torch.nn.Module) -> list[int]:

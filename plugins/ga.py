@@ -1,4 +1,5 @@
 """GA: gradient ascent on the forget set, minimise −NLL(D_f)."""
+from mmedit.plugins.objectives import Objective, forget_nll
 from mmedit.plugins.training import TrainingPlugin
 
 
@@ -6,9 +7,13 @@ class GA(TrainingPlugin):
     name, version = "ga", "1.0"
     description = "Gradient ascent: minimise -NLL of the forget answers."
     needs_retain = False
+    presets = {"embedded": {"lr": 1e-4}, "conformance": {"lr": 1e-3, "epochs": 3}}
 
     def loss(self, trainer, step):
         return -trainer.forward(step.forget).nll
+
+    def objectives(self, config):
+        return [Objective("forget answer NLL", forget_nll(config.forms), "up", 0.05)]
 
 
 plugin = GA()

@@ -1,19 +1,22 @@
 """KL-Min: ascent on the forget set, NLL on the retain set, and KL(p_θ₀ ‖ p_θ) on the retain answers."""
-import torch.nn.functional as F
-
+from mmedit.plugins import losses
+from mmedit.plugins.objectives import Objective, forget_nll, retain_kl
 from mmedit.plugins.training import TrainingPlugin
 
 
 class KLMin(TrainingPlugin):
     name, version = "kl_min", "1.0"
     description = "-NLL(forget) + NLL(retain) + KL(base || edited) on the retain answer tokens."
+    presets = {"embedded": {"lr": 1e-4}, "conformance": {"lr": 1e-3, "epochs": 3}}
 
     def loss(self, trainer, step):
         retain = trainer.forward(step.retain)
-        base = trainer.reference(step.retain)
-        kl = F.kl_div(retain.answer_logits.log_softmax(-1), base.answer_logits.log_softmax(-1),
-                      log_target=True, reduction="batchmean")  # token-mean of sum_v p0 (log p0 - log p)
+        kl = losses.kl_to_reference(retain.answer_logits, trainer.reference(step.retain).answer_logits)
         return -trainer.forward(step.forget).nll + retain.nll + kl
+
+    def objectives(self, config):
+        return [Objective("forget answer NLL", forget_nll(config.forms), "up", 0.05),
+                Objective("retain KL(base || edited)", retain_kl(config.forms), "kept", 0.05)]
 
 
 plugin = KLMin()

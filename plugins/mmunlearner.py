@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from mmedit.errors import MmeditError
+from mmedit.modelstate import preserved
 from mmedit.plugins.base import option, require
+from mmedit.plugins.objectives import Objective, nll_gap, retain_nll
 from mmedit.plugins.training import Selection, TrainConfig, Trainer, TrainingPlugin, interleaved
 
 SCOPES = {"vision": ("vision", "projector"), "language": ("llm",), "both": ("vision", "projector", "llm")}
@@ -58,12 +60,13 @@ def fisher(job, key: str, rows, form: str, names: list[str], batch_size: int):
 
     def compute():
         params = dict(job.model.named_parameters())
-        for name in names:
-            params[name].requires_grad_(True)
-        job.model.train()
-        batches = make_batches(rows, job.processor, form, batch_size=batch_size)
-        return trace(job.model, batches, model_map=job.model_map, parts=("llm",), groups=("all",),
-                     fisher_params=names, progress=job.progress, total=-(-len(rows) // batch_size))
+        with preserved(job.model):
+            for name in names:
+                params[name].requires_grad_(True)
+            job.model.train()
+            batches = make_batches(rows, job.processor, form, batch_size=batch_size)
+            return trace(job.model, batches, model_map=job.model_map, parts=("llm",), groups=("all",),
+                         fisher_params=names, progress=job.progress, total=-(-len(rows) // batch_size))
 
     return job.statistics(key, compute, {"form": form, "params": names, "batch_size": batch_size}, TraceStats)
 
@@ -82,6 +85,7 @@ class MMUnlearner(TrainingPlugin):
     name, version = "mmunlearner", "1.0"
     description = "Fisher-saliency-masked gradient ascent on forget VQA, interleaved with retain steps."
     Config = MMUnlearnerConfig
+    presets = {"embedded": {"lr": 1e-3, "tau": 2.0}, "conformance": {"lr": 1e-3, "epochs": 3}}
 
     def parts(self, config):
         return SCOPES[config.scope]
@@ -111,6 +115,10 @@ class MMUnlearner(TrainingPlugin):
         if step.kind == "forget":
             return -trainer.forward(step.forget).nll
         return trainer.forward(step.retain).nll
+
+    def objectives(self, config):
+        return [Objective("forget minus retain VQA answer NLL", nll_gap("multimodal"), "up", 0.05),
+                Objective("retain VQA answer NLL", retain_nll("multimodal"), "kept", 0.05)]
 
     def edit(self, job, config):
         trainer = Trainer(job, config, self)

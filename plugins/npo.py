@@ -4,9 +4,9 @@ The reference is θ₀ (the base weights, swapped in for each reference pass) un
 model directory (the NPO paper's reference trained on the retain set)."""
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
+from mmedit.plugins import losses
 from mmedit.plugins.base import option, require
+from mmedit.plugins.objectives import Objective, forget_nll
 from mmedit.plugins.training import BaselineConfig, Trainer, TrainingPlugin
 
 
@@ -25,11 +25,14 @@ class NPO(TrainingPlugin):
     description = "Negative preference optimisation against the base (or --set ref=DIR) model."
     Config = NPOConfig
     needs_retain = False
+    presets = {"embedded": {"lr": 1e-4}, "conformance": {"lr": 1e-3, "epochs": 3}}
 
     def loss(self, trainer, step):
-        beta = trainer.config.beta
-        margin = trainer.forward(step.forget).sequence_nll - trainer.reference(step.forget).sequence_nll
-        return -(2 / beta) * F.logsigmoid(beta * margin).mean()
+        return losses.npo(trainer.forward(step.forget).sequence_nll, trainer.reference(step.forget).sequence_nll,
+                          trainer.config.beta)
+
+    def objectives(self, config):
+        return [Objective("forget answer NLL", forget_nll(config.forms), "up", 0.05)]
 
     def edit(self, job, config):
         reference = None

@@ -7,10 +7,9 @@ over non-pad positions; u is a seeded random unit vector (uniform entries, norma
 reference code). Paired forget/retain batches."""
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
+from mmedit.plugins import losses
 from mmedit.plugins.base import option, require
+from mmedit.plugins.objectives import Objective, retain_state_distance, steered_distance
 from mmedit.plugins.training import Selection, TrainConfig, TrainingPlugin, forms_option
 
 
@@ -32,23 +31,17 @@ def steered_layer(job, config) -> int:
     return min(config.layer, len(job.model_map.residual) - 1)
 
 
-def misdirection(trainer, step, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The pieces every representation-misdirection loss shares, at decoder layer `layer`: the forget
-    hidden states (non-pad positions, float32), the seeded random unit direction u, and the retain term
-    MSE(h_θ(x_r), h_θ₀(x_r))."""
-    forget = trainer.forward(step.forget, [layer])
-    retain = trainer.forward(step.retain, [layer])
-    base = trainer.reference(step.retain, [layer])
-    h_forget = forget.hidden[layer][forget.mask].float()
-    u = torch.rand(h_forget.shape[-1], generator=torch.Generator().manual_seed(trainer.job.seed))
-    keep = F.mse_loss(retain.hidden[layer][retain.mask].float(), base.hidden[layer][base.mask].float())
-    return h_forget, (u / u.norm()).to(h_forget.device), keep
+def target(trainer, config, batch, states):
+    """c·u: the fixed forget target."""
+    return losses.fixed_target(losses.random_direction(states.shape[-1], trainer.job.seed, states.device),
+                               config.c, states)
 
 
 class RMU(TrainingPlugin):
     name, version = "rmu", "1.0"
     description = "Representation misdirection: forget activations at layer l -> c*u, retain ones kept."
     Config = RMUConfig
+    presets = {"embedded": {"lr": 1e-3, "alpha": 1.0, "c": 100.0}, "conformance": {"lr": 1e-3, "epochs": 5}}
 
     def parts(self, config):
         return ("llm",)
@@ -59,9 +52,18 @@ class RMU(TrainingPlugin):
         return {"train": Selection.whole(name for name in trainer.job.original if name.startswith(mlps))}
 
     def loss(self, trainer, step):
-        config = trainer.config
-        h_forget, u, keep = misdirection(trainer, step, steered_layer(trainer.job, config))
-        return F.mse_loss(h_forget, (config.c * u).expand_as(h_forget)) + config.alpha * keep
+        config, layer = trainer.config, steered_layer(trainer.job, trainer.config)
+        forget = trainer.forward(step.forget, [layer]).states(layer)
+        retain = trainer.forward(step.retain, [layer]).states(layer)
+        base = trainer.reference(step.retain, [layer]).states(layer)
+        return (losses.misdirection(forget, target(trainer, config, step.forget, forget))
+                + config.alpha * losses.retain_state(retain, base))
+
+    def objectives(self, config):
+        return [Objective("forget states' distance to c*u", steered_distance(steered_layer, target, config.forms),
+                          "down", 1e-3),
+                Objective("retain states' distance to base", retain_state_distance(steered_layer, config.forms),
+                          "kept", 1e-5)]
 
     def edit(self, job, config):
         report = super().edit(job, config)

@@ -25,14 +25,15 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 
+from mmedit.data.batches import FORMS as BATCH_FORMS
 from mmedit.errors import MmeditError
+from mmedit.modelstate import preserved
+from mmedit.plugins import losses
 from mmedit.plugins.base import Job, Plugin, option, require
 from mmedit.progress import track
 
-FORMS = {"multimodal": ("multimodal",), "text": ("text",), "both": ("multimodal", "text")}
-IGNORE = -100
+FORMS = {"multimodal": BATCH_FORMS[:1], "text": BATCH_FORMS[1:], "both": BATCH_FORMS}  # option value -> forms
 
 
 def split_parts(text: str) -> tuple[str, ...]:
@@ -126,35 +127,30 @@ class Selection:
 
 
 class Output:
-    """A forward pass: logits, labels, the non-pad mask and hidden states {layer: [B, T, D]}."""
+    """A forward pass: logits, labels, the non-pad mask and hidden states {layer: [B, T, D]}; the loss
+    terms are those of mmedit.plugins.losses."""
 
     def __init__(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, hidden: dict):
         self.logits, self.labels, self.mask, self.hidden = logits, labels, mask, hidden
 
-    @cached_property
-    def _token_nll(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """NLL of every next-token prediction [B, T-1] (0 off the answer) and the answer mask."""
-        logits, labels = self.logits[:, :-1].float(), self.labels[:, 1:]
-        answer = labels != IGNORE
-        nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-        return nll * answer, answer
-
     @property
     def nll(self) -> torch.Tensor:
         """Token-mean NLL over the answer tokens of the batch (what HF's .loss computes)."""
-        nll, answer = self._token_nll
-        return nll.sum() / answer.sum()
+        return losses.answer_nll(self.logits, self.labels)
 
     @property
     def sequence_nll(self) -> torch.Tensor:
         """[B]: each row's mean NLL over its own answer tokens."""
-        nll, answer = self._token_nll
-        return nll.sum(dim=1) / answer.sum(dim=1).clamp(min=1)
+        return losses.sequence_nll(self.logits, self.labels)
 
     @property
     def answer_logits(self) -> torch.Tensor:
         """[N, V] float32: the logits that predict the N answer tokens of the batch."""
-        return self.logits[:, :-1][self.labels[:, 1:] != IGNORE].float()
+        return losses.answer_logits(self.logits, self.labels)
+
+    def states(self, layer: int) -> torch.Tensor:
+        """[N, D] float32: the hidden states after decoder layer `layer` at the N non-pad positions."""
+        return self.hidden[layer][self.mask].float()
 
 
 def run_model(model: torch.nn.Module, residual: Sequence[str], batch, layers: Sequence[int] = ()) -> Output:
@@ -223,13 +219,12 @@ def interleaved(trainer: Trainer, forms: str) -> list[tuple[str, Chunk | None, C
     return plan
 
 
-class Trainer:
-    """Runs a TrainingPlugin on a Job: its selections, its schedule, its loss; see the module doc."""
+class Passes:
+    """Forward passes of a job's model: on its current weights (`forward`) and on θ₀ (`reference`: the
+    original tensors swapped in for one pass, no second model in memory, or a separately loaded model)."""
 
-    def __init__(self, job: Job, config: TrainConfig, method: TrainingPlugin,
-                 reference_model: torch.nn.Module | None = None):
-        self.job, self.config, self.method = job, config, method
-        self.model = job.model
+    def __init__(self, job: Job, reference_model: torch.nn.Module | None = None):
+        self.job, self.model = job, job.model
         self.params = dict(self.model.named_parameters())
         self.device = next(self.model.parameters()).device
         self.reference_model = reference_model
@@ -238,6 +233,45 @@ class Trainer:
             from mmedit.arch import model_map
 
             self.reference_residual = model_map(reference_model).residual
+
+    def encode(self, rows: Sequence, form: str):
+        from mmedit.data.batches import make_batches
+
+        return next(make_batches(rows, self.job.processor, form, batch_size=len(rows), device=self.device))
+
+    def forward(self, batch, layers: Sequence[int] = ()) -> Output:
+        return run_model(self.model, self.job.model_map.residual, batch, layers)
+
+    def reference(self, batch, layers: Sequence[int] = ()) -> Output:
+        """The same pass on θ₀ (or the reference model), without gradients, in eval mode."""
+        with torch.no_grad():
+            if self.reference_model is not None:
+                return run_model(self.reference_model, self.reference_residual, batch, layers)
+            with self._original_weights():
+                return run_model(self.model, self.job.model_map.residual, batch, layers)
+
+    @contextlib.contextmanager
+    def _original_weights(self):
+        """θ₀: the original tensors swapped in (storage pointers, no copy) and eval mode, for one pass."""
+        current = {name: self.params[name].data for name in self.job.original}
+        for name, tensor in self.job.original.items():
+            self.params[name].data = tensor
+        try:
+            with preserved(self.model, clear_grads=False):
+                self.model.train(False)
+                yield
+        finally:
+            for name, tensor in current.items():
+                self.params[name].data = tensor
+
+
+class Trainer(Passes):
+    """Runs a TrainingPlugin on a Job: its selections, its schedule, its loss; see the module doc."""
+
+    def __init__(self, job: Job, config: TrainConfig, method: TrainingPlugin,
+                 reference_model: torch.nn.Module | None = None):
+        super().__init__(job, reference_model)
+        self.config, self.method = config, method
         self.losses: list[float] = []
         self.selections: dict[str, Selection] = dict(method.selections(self, config))
         for kind, selection in self.selections.items():
@@ -254,38 +288,6 @@ class Trainer:
         rng.shuffle(chunks)
         return chunks
 
-    def encode(self, rows: Sequence, form: str):
-        from mmedit.data.batches import make_batches
-
-        return next(make_batches(rows, self.job.processor, form, batch_size=len(rows), device=self.device))
-
-    # ---- forward passes ---------------------------------------------------------------------------
-    def forward(self, batch, layers: Sequence[int] = ()) -> Output:
-        return run_model(self.model, self.job.model_map.residual, batch, layers)
-
-    def reference(self, batch, layers: Sequence[int] = ()) -> Output:
-        """The same pass on θ₀ (or the reference model), without gradients, in eval mode."""
-        with torch.no_grad():
-            if self.reference_model is not None:
-                return run_model(self.reference_model, self.reference_residual, batch, layers)
-            with self._original_weights():
-                return run_model(self.model, self.job.model_map.residual, batch, layers)
-
-    @contextlib.contextmanager
-    def _original_weights(self):
-        """θ₀: the original tensors swapped in (storage pointers, no copy) and eval mode, for one pass."""
-        current = {name: self.params[name].data for name in self.job.original}
-        training = self.model.training
-        for name, tensor in self.job.original.items():
-            self.params[name].data = tensor
-        self.model.train(False)
-        try:
-            yield
-        finally:
-            for name, tensor in current.items():
-                self.params[name].data = tensor
-            self.model.train(training)
-
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
         plan = self.method.schedule(self, self.config)
@@ -297,15 +299,17 @@ class Trainer:
         for kind, selection in self.selections.items():
             params = [self.params[name] for name in selection.masks]
             optimizers[kind] = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
-        for param in self.model.parameters():
-            param.requires_grad_(False)
-        self.model.train()
-        for index, (kind, forget, retain) in enumerate(
-                track(plan, f"{self.method.name}: training", enabled=self.job.progress)):
-            if kind not in self.selections:
-                raise MmeditError(f"{self.method.name}: the schedule has a {kind!r} step but no {kind!r} selection")
-            decay = 1 - index / len(plan) if self.config.lr_decay == "linear" else 1.0
-            self._step(index, Step(kind, forget, retain, self.encode), optimizers[kind], self.config.lr * decay)
+        with preserved(self.model):
+            for param in self.model.parameters():
+                param.requires_grad_(False)
+            self.model.train()
+            for index, (kind, forget, retain) in enumerate(
+                    track(plan, f"{self.method.name}: training", enabled=self.job.progress)):
+                if kind not in self.selections:
+                    raise MmeditError(f"{self.method.name}: the schedule has a {kind!r} step but no {kind!r} "
+                                      "selection")
+                decay = 1 - index / len(plan) if self.config.lr_decay == "linear" else 1.0
+                self._step(index, Step(kind, forget, retain, self.encode), optimizers[kind], self.config.lr * decay)
         for selection in self.selections.values():
             bad = [n for n in selection.masks if not bool(torch.isfinite(self.params[n]).all())]
             if bad:
@@ -355,6 +359,11 @@ class TrainingPlugin(Plugin):
 
     def loss(self, trainer: Trainer, step: Step) -> torch.Tensor:
         raise NotImplementedError
+
+    def objectives(self, config) -> list:
+        """What the method moves (mmedit.plugins.objectives.Objective): checked for every plugin by the
+        conformance suite, with presets["conformance"], on tiny models. A training plugin must declare some."""
+        return []
 
     def edit(self, job: Job, config) -> dict:
         return Trainer(job, config, self).run()

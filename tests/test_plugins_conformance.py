@@ -1,6 +1,7 @@
 """Conformance suite, run for every registered plugin on tiny models of several families (PEFT-style):
 the delta touches only the declared parts, apply -> revert is bit-exact, the same seed gives the same
-delta bytes, the provenance is complete, bad options are rejected, and the model passed in is unchanged.
+delta bytes, the provenance is complete, bad options are rejected, the model passed in is unchanged, and a
+gradient method moves every objective it declares (plugin.objectives) the declared way by its margin.
 
 A plugin installed in the environment is picked up by `available()` and gets these tests for free; the
 third-party example from docs/writing-a-plugin.md is installed from a temp dir and put through the same
@@ -26,10 +27,12 @@ from mmedit.data.rows import Row, write_jsonl
 from mmedit.delta import Delta
 from mmedit.errors import MmeditError
 from mmedit.loading import load
-from mmedit.plugins import apply_plugin, available, get
+from mmedit.plugins import TrainingPlugin, apply_plugin, available, get
+from mmedit.plugins.objectives import measure
 
 FAMILIES = [family for family in ("llava", "qwen2_5_vl", "idefics3") if family in zoo.FAMILIES]
 DOC = Path(__file__).parent.parent / "docs" / "writing-a-plugin.md"
+JOBS = ["glassblower", "pilot", "judge", "baker", "cartographer", "beekeeper", "luthier", "ferry captain"]  # forget != retain
 
 
 def make_rows(folder: Path, count: int = 8) -> list[Row]:
@@ -40,7 +43,7 @@ def make_rows(folder: Path, count: int = 8) -> list[Row]:
         image.save(folder / f"p{i}.png")
         rows.append(Row(id=f"p{i}", entity=f"Person {i}", image=folder / f"p{i}.png",
                         question="What is the job of this person?", text_question=f"What is the job of Person {i}?",
-                        answer=["glassblower", "pilot", "judge", "baker"][i % 4], where=f"rows.jsonl:{i + 1}"))
+                        answer=JOBS[i % len(JOBS)], where=f"rows.jsonl:{i + 1}"))
     return rows
 
 
@@ -123,7 +126,31 @@ def conforms(name: str, model, processor, rows, folder: Path) -> Delta:
     with pytest.raises(MmeditError, match=f"bad value for option {options[0]}"):
         apply_plugin(name, model, processor, forget, retain, {options[0]: [1, 2]}, progress=False)
     assert unchanged(model, before)
+    moves_declared_objectives(name, model, processor, rows)
+    assert unchanged(model, before)
     return delta
+
+
+def moves_declared_objectives(name: str, model, processor, rows) -> None:
+    """A few steps with the plugin's "conformance" preset move each declared objective the declared way by
+    its margin: measured on the base model, then with the delta applied (θ₀ = the base weights)."""
+    plugin = get(name)
+    if not isinstance(plugin, TrainingPlugin):
+        return
+    overrides = dict(plugin.presets.get("conformance", {}))
+    config = plugin.configure(overrides)
+    objectives = plugin.objectives(config)
+    assert objectives, f"{name}: a gradient method must declare the objectives it moves (objectives())"
+    forget, retain = rows[:4], rows[4:]
+    mapping, parts = model_map(model), set(plugin.parts(config))
+    original = {n: p.detach().clone() for n, p in model.named_parameters() if (mapping.part_of(n) or (None,))[0] in parts}
+    before = measure(objectives, model, processor, forget, retain, config, original, seed=3)
+    delta = apply_plugin(name, model, processor, forget, retain, overrides, seed=3, progress=False)
+    with delta.applied(model):
+        after = measure(objectives, model, processor, forget, retain, config, original, seed=3)
+    wrong = [f"{o.name} {o.direction} by {o.margin}: {before[o.name]:.6g} -> {after[o.name]:.6g}"
+             for o in objectives if not o.holds(before[o.name], after[o.name])]
+    assert not wrong, f"{name} with {overrides} did not move what it declares: " + "; ".join(wrong)
 
 
 @pytest.mark.parametrize("name", sorted(available()))
