@@ -1,6 +1,24 @@
-"""`mmedit demo`: train the embedded tiny MLLM (once), unlearn with every plugin, evaluate, compare."""
+"""`mmedit demo`: the whole flow on the embedded model, end to end, in a few minutes on a CPU.
+
+1. build (or reuse) the synthetic benchmark and the embedded model (mmedit.bench.model.embedded);
+2. trace the model on the forget set, both forms, with gradients: statistics + heatmap;
+3. run every registered plugin (forget = forget 10 %, retain = retain 90 %) with its preset for the
+   embedded model, `Plugin.presets["embedded"]` (or the papers' defaults, or the runs asked for), each
+   giving a delta; a plugin that fails is reported with its one-line error and the demo goes on;
+4. evaluate the base model and base + each delta on forget, test and a seeded subset of retain people
+   (all forget and test people; the subset keeps the demo inside its time budget and is recorded);
+5. write demo.json, demo.md, demo.png (forget vs retain accuracy per form), the trace files and the
+   deltas into the output folder in one swap, and print the methods x metrics table.
+
+The demo runs plugins, so it lives here in the CLI, above them: mmedit's core never imports a plugin.
+"""
 from __future__ import annotations
 
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -12,9 +30,258 @@ from rich.table import Table
 from mmedit.cli.common import Device, Force, err, out, user_errors
 from mmedit.errors import MmeditError
 
+FORGET_PERCENT = 10
+RETAIN_PEOPLE = 10  # retain people evaluated (a seeded sample of the 45); all forget / test people are
+PRESET = "embedded"  # the Plugin.presets entry tuned for the embedded model
+REPORT = "demo.json"
+MARKDOWN = "demo.md"  # the summary as a markdown table, for notes and BENCHMARKS.md
+FORMAT = "mmedit.demo-report"
+# Summary columns: the headline metric (option-likelihood accuracy) per (split, form), and the
+# forgetting rate of the forget set per form. VQA = Image_Textual, QA = Pure_Text.
+ACCURACY_COLUMNS = (("forget VQA", "forget", "Image_Textual"), ("forget QA", "forget", "Pure_Text"),
+                    ("test VQA", "test", "Image_Textual"), ("retain VQA", "retain", "Image_Textual"),
+                    ("retain QA", "retain", "Pure_Text"))
+RATE_COLUMNS = (("forgot VQA", "Image_Textual"), ("forgot QA", "Pure_Text"))
+
+
+@dataclass
+class Method:
+    """One row of the demo table: the base model, or a plugin's edit."""
+    name: str
+    table: dict | None = None  # harness.summarise output; None when the plugin failed
+    error: str | None = None
+    edit: object | None = None  # the plugin's Delta, saved with the other outputs at the end
+    delta: dict = field(default_factory=dict)  # file, elements, bytes, provenance
+    seconds: float = 0.0
+
+
+def plugins() -> tuple[dict, object]:
+    """(available(), apply_plugin) from mmedit.plugins: every registered plugin by name, and the runner."""
+    from mmedit.plugins import apply_plugin, available
+
+    return available(), apply_plugin
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _weights(model) -> dict:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def _restore_if_changed(model, reference: dict) -> bool:
+    """Put `reference` back if the model's weights differ from it; True when they did."""
+    import torch
+
+    changed = [name for name, tensor in model.state_dict().items() if not torch.equal(tensor, reference[name])]
+    if changed:
+        model.load_state_dict(reference)
+    return bool(changed)
+
+
+def label(name: str, overrides: dict) -> str:
+    """"ga lr=0.0001": a method row's name, with the settings that differ from the plugin's defaults."""
+    return " ".join([name, *(f"{key}={value}" for key, value in overrides.items())])
+
+
+def default_runs(installed: dict, paper_defaults: bool) -> list[tuple[str, dict]]:
+    """Every installed plugin once: with its embedded preset, or with no overrides (the papers' defaults)."""
+    return [(name, {} if paper_defaults else dict(plugin.presets.get(PRESET, {})))
+            for name, plugin in sorted(installed.items())]
+
+
+def run(out_dir: str | Path = "mmedit-demo", *, fast: bool = False, seed: int = 0, retain_people: int = RETAIN_PEOPLE,
+        device: str = "cpu", batch_size: int = 64, force: bool = False, progress: bool = True,
+        runs: list[tuple[str, dict]] | None = None, paper_defaults: bool = False) -> dict:
+    """Run the demo; returns the report (also written to out_dir/demo.json). See the module doc.
+
+    runs: (plugin, options) pairs to run instead of every installed plugin (a plugin may appear several
+    times with different options, e.g. to compare settings)."""
+    from mmedit.bench import model as embedded_model
+
+    out_dir = Path(out_dir)
+    _check_out(out_dir, force)
+    # the embedded model's ops are tiny: one thread is as fast, and far faster on a busy machine
+    with embedded_model.threads(embedded_model.RECIPE["threads"]):
+        return _run(out_dir, fast, seed, retain_people, device, batch_size, progress, runs, paper_defaults)
+
+
+def _run(out_dir: Path, fast: bool, seed: int, retain_people: int, device: str, batch_size: int,
+         progress: bool, runs: list[tuple[str, dict]] | None, paper_defaults: bool) -> dict:
+    import torch
+
+    from mmedit.bench import model as embedded_model
+    from mmedit.bench import profiles
+    from mmedit.cli.trace_report import heatmap
+    from mmedit.data.batches import FORMS, make_batches
+    from mmedit.eval import report
+    from mmedit.eval.harness import evaluate, select_people, summarise
+    from mmedit.loading import load
+    from mmedit.provenance import library_versions
+    from mmedit.safefile import atomic_dir
+    from mmedit.trace import trace
+
+    started = time.perf_counter()
+    timings = {}
+    paths = embedded_model.embedded(seed=seed, fast=fast, progress=progress)
+    timings["model_s"] = time.perf_counter() - started
+    model, processor = load(paths.model, device=device)
+    info = profiles.load(paths.data)
+    forget_name, retain_name, test_name = profiles.split_names(FORGET_PERCENT)
+    forget_rows, retain_rows = info.rows(forget_name), info.rows(retain_name)
+    sets = {"forget": forget_rows, "test": info.rows(test_name),
+            "retain": select_people(retain_rows, retain_people, seed)}
+
+    mark = time.perf_counter()
+    batches = [batch for form in FORMS
+               for batch in make_batches(forget_rows, processor, form=form, batch_size=batch_size)]
+    stats = trace(model, batches, grads=True, progress=progress, total=len(batches),
+                  meta={"data": {"split": forget_name, "rows": len(forget_rows)}})
+    timings["trace_s"] = time.perf_counter() - mark
+
+    # the embedded model answers in a word or two and was never taught the lettered prompt
+    options = dict(batch_size=batch_size, max_new_tokens=8, letters=False, progress=progress)
+    mark = time.perf_counter()
+    methods = [Method(report.BASE, summarise(evaluate(model, processor, sets, description="base model", **options)),
+                      seconds=time.perf_counter() - mark)]
+    installed, apply_plugin = plugins()
+    if runs is None:
+        runs = default_runs(installed, paper_defaults)
+    memo: dict = {}  # statistics (traces, Fisher, paths) one run computed, for later runs that need the same
+    for name, overrides in runs:
+        methods.append(_run_plugin(name, overrides, apply_plugin, model, processor, forget_rows, retain_rows,
+                                   sets, seed, options, progress, memo))
+    timings["total_s"] = time.perf_counter() - started
+
+    with atomic_dir(out_dir, force=True) as work:  # _check_out allowed replacing what is there
+        stats.save(work / "trace-forget.safetensors")
+        heatmap(stats, "multimodal", "all", work / "trace-forget.png")
+        for index, method in enumerate(methods[1:]):
+            if method.edit is not None:
+                path = method.edit.save(work / f"delta-{index:02d}-{method.name.split()[0]}.safetensors")
+                method.delta = {"file": path.name, "elements": method.edit.touched, "bytes": path.stat().st_size,
+                                "provenance": method.edit.provenance}
+        results = {method.name: method.table for method in methods if method.table is not None}
+        record = report.build(results, {
+            "format": FORMAT,
+            "plugins_installed": bool(installed),
+            "methods": [{"name": m.name, "error": m.error, "delta": m.delta, "seconds": round(m.seconds, 2)}
+                        for m in methods],
+            "model": {"path": str(paths.model), "training": embedded_model.training_record(paths.model)},
+            "data": {"root": str(paths.data), "forget": forget_name, "retain": retain_name, "test": test_name,
+                     "evaluated_people": {split: sorted({row.entity for row in rows}) for split, rows in sets.items()},
+                     "note": f"evaluated: all forget and test people, and a seeded sample (seed {seed}) of "
+                             f"{len({row.entity for row in sets['retain']})} of the "
+                             f"{len({row.entity for row in retain_rows})} retain people; plugins see every retain row"},
+            "settings": {"fast": fast, "seed": seed, "device": device, "batch_size": batch_size,
+                         "headline_metric": report.HEADLINE, "paper_defaults": paper_defaults,
+                         "runs": [{"plugin": name, "options": overrides} for name, overrides in runs]},
+            "timings": {key: round(value, 2) for key, value in timings.items()},
+            "peak_memory_mb": round(_peak_rss_mb(), 1),
+            "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+            "versions": library_versions(),
+        })
+        report.write_json(record, work / REPORT)
+        (work / MARKDOWN).write_text(markdown(record), encoding="utf-8")
+        report.plot(results, work / "demo.png")
+    return record
+
+
+def _run_plugin(name, overrides, apply_plugin, model, processor, forget_rows, retain_rows, sets, seed, options,
+                progress, memo) -> Method:
+    """Edit with one plugin and evaluate the edit; any failure becomes the method's one-line error."""
+    from mmedit.eval.harness import evaluate_edited, summarise
+
+    method = Method(label(name, overrides))
+    reference = _weights(model)
+    mark = time.perf_counter()
+    try:
+        delta = apply_plugin(name, model, processor, forget_rows, retain_rows, overrides, seed=seed,
+                             progress=progress, memo=memo)
+        if _restore_if_changed(model, reference):
+            raise MmeditError("the plugin modified the model it was given (weights restored)")
+        method.table = summarise(evaluate_edited(model, processor, sets, [delta], description=method.name,
+                                                 **options))
+        method.edit = delta
+    except Exception as error:  # noqa: BLE001 - a broken plugin must not take the demo down
+        _restore_if_changed(model, reference)
+        method.error = one_line(error)
+        method.table = None
+    method.seconds = time.perf_counter() - mark
+    return method
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def _check_out(out_dir: Path, force: bool) -> None:
+    """The demo replaces its own earlier output; anything else needs force. Refused before any work."""
+    from mmedit.safefile import check_writable
+
+    if out_dir.exists() and not force:
+        if not out_dir.is_dir():
+            raise MmeditError(f"{out_dir} exists and is not a folder; pass --force to replace it")
+        if any(out_dir.iterdir()) and not _is_demo(out_dir / REPORT):
+            raise MmeditError(f"{out_dir} exists and holds something other than a demo report; "
+                              "pass --force to replace it")
+    check_writable(out_dir, force=True)  # the folder it goes into takes it
+
+
+def _is_demo(path: Path) -> bool:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def summary_rows(record: dict) -> list[dict]:
+    """Methods x metrics for the printed table: headline accuracies, forgetting rates, delta size."""
+    results, comparison = record["results"], record["comparison"]
+    metric = record["settings"]["headline_metric"]
+    rows = []
+    for method in record["methods"]:
+        row = {"method": method["name"], "error": method["error"], "seconds": method["seconds"]}
+        table = results.get(method["name"])
+        for column, split, form in ACCURACY_COLUMNS:
+            row[column] = None if table is None else table.get(split, {}).get(form, {}).get(metric)
+        compared = comparison.get(method["name"], {})
+        for column, form in RATE_COLUMNS:
+            row[column] = compared.get("forget", {}).get(form, {}).get(metric, {}).get("forgetting_rate")
+        row["delta elements"] = method["delta"].get("elements")
+        row["delta bytes"] = method["delta"].get("bytes")
+        rows.append(row)
+    return rows
+
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}"
+
+
+def markdown(record: dict) -> str:
+    """The summary as a markdown table: cells "headline / generation accuracy" in %, then the forgetting
+    rates (headline metric), the delta's changed elements and the seconds of edit + evaluation."""
+    metric = record["settings"]["headline_metric"]
+    header = [column for column, _, _ in ACCURACY_COLUMNS] + [column for column, _ in RATE_COLUMNS]
+    lines = [f"| method | {' | '.join(header)} | delta elements | s |", "|---|" + "---:|" * (len(header) + 2)]
+    for row in summary_rows(record):
+        table = record["results"].get(row["method"]) or {}
+        if row["error"]:
+            cells = ["failed"] * len(ACCURACY_COLUMNS)
+        else:
+            cells = [f"{_percent(row[column])} / {_percent(table.get(split, {}).get(form, {}).get('gen_acc'))}"
+                     for column, split, form in ACCURACY_COLUMNS]
+        cells += [_percent(row[column]) for column, _ in RATE_COLUMNS]
+        elements = row["delta elements"]
+        cells += ["" if elements is None else f"{elements:,}", f"{row['seconds']:.0f}"]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join([f"Unlearning {FORGET_PERCENT} % of the people; cells: {metric} / gen_acc (%); forgot: "
+                      f"forgetting rate of {metric} (%).", "", *lines]) + "\n"
 
 
 def _count(value: int | None) -> str:
@@ -28,20 +295,19 @@ def _count(value: int | None) -> str:
 
 def summary_table(record: dict) -> Table:
     """Methods x metrics, narrow enough for an 80-column terminal."""
-    from mmedit.bench.demo import ACCURACY_COLUMNS, RATE_COLUMNS, summary_rows
-
     metric = record["settings"]["headline_metric"]
-    grid = Table(title=f"unlearning 10 % of the people: {metric} (%)", box=box.SIMPLE_HEAD, collapse_padding=True,
-                 pad_edge=False, caption="forgot = forgetting rate, 1 - edited/base; delta = weights changed")
+    grid = Table(title=f"unlearning {FORGET_PERCENT} % of the people: {metric} (%)", box=box.SIMPLE_HEAD,
+                 collapse_padding=True, pad_edge=False,
+                 caption="forgot = forgetting rate, 1 - edited/base; delta = weights changed")
     grid.add_column("method", no_wrap=True)
-    for label in [label for label, _, _ in ACCURACY_COLUMNS] + [label for label, _ in RATE_COLUMNS]:
-        grid.add_column(label.replace(" ", "\n"), justify="right", no_wrap=True)
+    for column in [column for column, _, _ in ACCURACY_COLUMNS] + [column for column, _ in RATE_COLUMNS]:
+        grid.add_column(column.replace(" ", "\n"), justify="right", no_wrap=True)
     grid.add_column("delta", justify="right", no_wrap=True)
     grid.add_column("s", justify="right", no_wrap=True)
     for row in summary_rows(record):
         failed = "[red]failed[/]" if row["error"] else None
-        cells = [failed or _percent(row[label]) for label, _, _ in ACCURACY_COLUMNS]
-        cells += [_percent(row[label]) for label, _ in RATE_COLUMNS]
+        cells = [failed or _percent(row[column]) for column, _, _ in ACCURACY_COLUMNS]
+        cells += [_percent(row[column]) for column, _ in RATE_COLUMNS]
         grid.add_row(row["method"].replace(" ", "\n"), *cells, _count(row["delta elements"]), f"{row['seconds']:.0f}")
     return grid
 
@@ -56,12 +322,12 @@ def demo_command(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the report, plots, trace and deltas.")] = Path("mmedit-demo"),
     fast: Annotated[bool, typer.Option("--fast", help="Tiny run: a few people, a few hundred training steps (smoke test).")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the benchmark, the model, the plugins and the retain sample.")] = 0,
-    retain_people: Annotated[int, typer.Option(min=1, help="Retain people evaluated (a seeded sample; plugins see all).")] = 10,
+    retain_people: Annotated[int, typer.Option(min=1, help="Retain people evaluated (a seeded sample; plugins see all).")] = RETAIN_PEOPLE,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward / generate call in evaluation.")] = 64,
     run_specs: Annotated[list[str] | None, typer.Option("--run", help='Run only this: "PLUGIN key=value ..." '
                                                         "(repeatable; a plugin may appear with several settings).")] = None,
     paper_defaults: Annotated[bool, typer.Option("--paper-defaults", help="Run every plugin with the papers' "
-                                                 "defaults instead of the settings tuned for the tiny model.")] = False,
+                                                 "defaults instead of its preset for the tiny model.")] = False,
     device: Device = "cpu",
     force: Force = False,
 ) -> None:
@@ -85,15 +351,13 @@ def demo_command(
             runs.append((name, parse_overrides(None, settings)))
     from transformers.utils import logging
 
-    from mmedit.bench import demo
-
     logging.disable_progress_bar()
     logging.set_verbosity_error()
-    record = demo.run(out_dir, fast=fast, seed=seed, retain_people=retain_people, device=device,
-                      batch_size=batch_size, force=force, runs=runs, paper_defaults=paper_defaults)
+    record = run(out_dir, fast=fast, seed=seed, retain_people=retain_people, device=device,
+                 batch_size=batch_size, force=force, runs=runs, paper_defaults=paper_defaults)
     if not record["plugins_installed"]:
-        err.print("[yellow]note:[/] no plugins are installed (mmedit.plugins has no apply_plugin yet): "
-                  "evaluated the base model only")
+        err.print("[yellow]note:[/] no plugins are installed (none is registered under the mmedit.plugins "
+                  "entry points): evaluated the base model only")
     out.print(summary_table(record))
     for line in failures(record):
         out.print(line, soft_wrap=True)
@@ -101,7 +365,7 @@ def demo_command(
     out.print(f"evaluated {len(people['forget'])} forget, {len(people['test'])} test (other pictures) and "
               f"{len(people['retain'])} of the retain people; wall {record['timings']['total_s']:.0f} s, "
               f"peak memory {record['peak_memory_mb']:.0f} MB", highlight=False)
-    out.print(f"report: {out_dir / demo.REPORT} (table: {demo.MARKDOWN}), plot: {out_dir / 'demo.png'}, "
+    out.print(f"report: {out_dir / REPORT} (table: {MARKDOWN}), plot: {out_dir / 'demo.png'}, "
               f"trace: {out_dir / 'trace-forget.png'}", highlight=False, soft_wrap=True)
 
 

@@ -32,7 +32,8 @@ def trace_command(
     limit: Annotated[int | None, typer.Option(min=1, help="Trace only the first N rows.")] = None,
     tau: Annotated[float, typer.Option(help="Threshold for counting a neuron as active (|z| > tau).")] = 0.1,
     top: Annotated[int, typer.Option(min=0, help="Neurons per site in the printed table (0: no table).")] = 5,
-    plot: Annotated[Path | None, typer.Option(help="Also write a PNG heatmap of neuron importance here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also write a PNG heatmap of neuron importance here "
+                                              "(an existing file needs --force).")] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     threads: Threads = 0,
@@ -43,17 +44,18 @@ def trace_command(
 
     Example: mmedit trace ~/.cache/mmedit/zoo/llava --data forget10.jsonl --grads --out forget.safetensors --plot forget.png
     """
-    from mmedit.data.batches import make_batches
+    from mmedit.cli.trace_report import heatmap, top_table
     from mmedit.data import read_rows
+    from mmedit.data.batches import FORMS, make_batches
     from mmedit.provenance import file_sha256
-    from mmedit.trace import FORMS, GROUPS, PARTS, trace
-    from mmedit.trace.report import heatmap, top_table
+    from mmedit.safefile import check_writable
+    from mmedit.trace import GROUPS, PARTS, trace
 
     part_list = split_list(parts, PARTS, "part")
     form_list = split_list(forms, FORMS, "form")
     split_list(positions, GROUPS, "position group")
-    if out_path.exists() and not force:
-        raise MmeditError(f"{out_path} exists; pass --force to overwrite")
+    for path in filter(None, (out_path, plot)):  # refused before minutes of tracing, not after
+        check_writable(path, force)
     rows = read_rows(data)[:limit]
     if any(row.image is None for row in rows) and "multimodal" in form_list:
         raise MmeditError(f"{data}: some rows have no image; trace them with --forms text")
@@ -74,7 +76,7 @@ def trace_command(
         for form in form_list:
             out.print(top_table(stats, form, positions, top))
     if plot:
-        heatmap(stats, form_list[0], positions, plot)
+        heatmap(stats, form_list[0], positions, plot, force=force)
         out.print(f"heatmap: {plot}")
     out.print(f"statistics: {out_path} ({len(stats.sites)} sites, {len(rows)} rows x {len(form_list)} forms)")
 

@@ -2,9 +2,10 @@
 
 `tiny(family)` returns a normal HF model directory (config, model.safetensors, processor and tokenizer
 files) that `AutoModelForImageTextToText.from_pretrained` and `AutoProcessor.from_pretrained` load
-offline. Each family's recipe is the `tiny` section of its entry in mmedit/arch/families/: config
-keyword arguments, the special tokens its processor expects, the processor and image-processor classes
-with small sizes, and the text the chat template writes for an image.
+offline. Each family's recipe is mmedit/zoo_recipes/FAMILY.json (test recipes, kept apart from the
+architecture entries in mmedit/arch/families/): config keyword arguments, the special tokens its
+processor expects, the processor and image-processor classes with small sizes, and the text the chat
+template writes for an image.
 
 The tokenizer is byte-level with no merges (one token per byte plus the special tokens): it covers any
 text, decodes back exactly, and keeps a prompt's tokens a prefix of prompt + answer.
@@ -15,14 +16,13 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from mmedit.errors import MmeditError
-from mmedit.safefile import make_ordinary
+from mmedit.safefile import atomic_dir
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics2", "idefics3", "smolvlm", "paligemma", "gemma3", "mllama")
+RECIPES = Path(__file__).parent / "zoo_recipes"
+FAMILIES = tuple(sorted(path.stem for path in RECIPES.glob("*.json")))  # the families with a tiny model
 
 # A plain USER/ASSISTANT template; @BOS@ and @IMAGE@ are filled per family. Turns are joined by a
 # newline written *before* the next turn, so an assistant turn ends on eos and nothing after it.
@@ -44,11 +44,13 @@ def chat_template(image_text: str, bos: bool = True) -> str:
 
 
 def _recipe(family: str) -> dict:
-    from mmedit.arch.registry import family as family_entry
-
     if family not in FAMILIES:
         raise MmeditError(f"no tiny model for {family!r}; families: {', '.join(FAMILIES)}")
-    return family_entry(family)["tiny"]
+    path = RECIPES / f"{family}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise MmeditError(f"tiny-model recipe {path}: cannot read JSON ({error})") from None
 
 
 def _tokenizer(tokens: dict):
@@ -129,23 +131,14 @@ def build(family: str, seed: int = 0, config: dict | None = None):
 
 
 def write(family: str, path: str | Path, seed: int = 0, force: bool = False) -> Path:
-    """Save the tiny model to `path` atomically (temp dir + rename); an existing path needs force."""
+    """Save the tiny model to the folder `path` atomically (safefile.atomic_dir); an existing one needs
+    force, and the old folder goes only once the new one is complete."""
     _recipe(family)  # an unknown family fails before anything is written
     path = Path(path)
-    if path.exists() and not force:
-        raise MmeditError(f"{path} exists; use --force to overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path, force=force) as temp:
         model, processor = build(family, seed)
         model.save_pretrained(temp)
         processor.save_pretrained(temp)
-        make_ordinary(temp)
-        if path.exists():  # force: the old directory goes only once the new one is complete
-            shutil.rmtree(path)
-        os.replace(temp, path)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
     return path
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from mmedit import zoo
 from mmedit.arch import FAMILIES, PARTS, model_map, register_family
 from mmedit.arch.registry import family
-from mmedit.data.batches import make_batches
+from mmedit.data.batches import IGNORE, make_batches
 from mmedit.data.rows import Row
 from mmedit.errors import MmeditError
 from mmedit.loading import load
@@ -147,7 +147,7 @@ def test_token_masks_match_the_image_features_the_model_inserts(loaded):
     for i, row in enumerate(batch.rows):
         answer = processor.tokenizer.decode(ids[i][masks["answer"][i]], skip_special_tokens=True)
         assert answer == row.answer
-    assert not mm.token_masks(batch.inputs, labels=torch.full_like(ids, -100))["answer"].any()
+    assert not mm.token_masks(batch.inputs, labels=torch.full_like(ids, IGNORE))["answer"].any()
 
 
 def test_residual_stream_is_the_decoder_layer_output(loaded):
@@ -192,11 +192,16 @@ def test_register_family_adds_a_family(monkeypatch):
     model.config.model_type = "my_llava"
     with pytest.raises(MmeditError, match="unsupported"):
         model_map(model)
-    register_family(_renamed("my_llava"))
+    register_family(_renamed("my_llava"))  # an architecture alone: no tiny-model recipe needed
     mm = model_map(model)
     assert mm.family == "my_llava" and len(mm.sites) == 5
+    with pytest.raises(MmeditError, match="no tiny model for 'my_llava'"):
+        zoo.build("my_llava")
     with pytest.raises(MmeditError, match="parts"):
         register_family({"model_type": "broken", "parts": {}})
+    recipe = _renamed("with_recipe") | {"tiny": {"config": {}}}  # test recipes live in mmedit/zoo_recipes
+    with pytest.raises(MmeditError, match="register_family \\(with_recipe\\): unknown key 'tiny'"):
+        register_family(recipe)
 
 
 def test_mmedit_families_directory_adds_a_family(tmp_path, monkeypatch):

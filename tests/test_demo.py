@@ -1,13 +1,15 @@
-"""`mmedit demo --fast` end to end with the plugins registered now; failing, misbehaving and missing
-plugins; reuse of the cached model and of the output folder."""
+"""`mmedit demo --fast` end to end with the plugins registered now, each run with its embedded preset;
+failing, misbehaving and missing plugins; reuse of the cached model and of the output folder."""
+import dataclasses
 import json
+import types
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from mmedit.bench import demo
 from mmedit.bench import model as embedded_model
+from mmedit.cli import demo
 from mmedit.cli.main import app
 from mmedit.errors import MmeditError
 
@@ -28,20 +30,26 @@ def test_demo_fast_end_to_end(tmp_path):
     assert record["format"] == demo.FORMAT and record["settings"]["fast"] is True
     for name in ("demo.png", "trace-forget.safetensors", "trace-forget.png"):
         assert (out / name).stat().st_size > 0
-    installed = demo.plugins()
+    installed, _ = demo.plugins()
+    presets = {name: dict(plugin.presets.get("embedded", {})) for name, plugin in installed.items()}
+    assert any(presets.values())  # else the checks below could not tell a preset from the defaults
     names = [method["name"] for method in record["methods"]]
     table = (out / demo.MARKDOWN).read_text().splitlines()
     assert [line.split(" | ")[0].lstrip("| ") for line in table[4:]] == names  # one markdown row per method
-    expected = [demo.label(name, options) for name, options in demo.default_runs(installed[0], False)]
-    assert names == ["base", *expected]
-    assert record["settings"]["runs"][0] == {"plugin": "ga", "options": demo.EMBEDDED_SETTINGS["ga"]}
+    assert names == ["base", *(demo.label(name, presets[name]) for name in sorted(installed))]
+    assert record["settings"]["runs"] == [{"plugin": name, "options": presets[name]} for name in sorted(installed)]
     for method in record["methods"][1:]:
         # every plugin either produced a delta that was evaluated, or failed with one line
         if method["error"]:
             assert "\n" not in method["error"] and method["name"] not in record["results"]
         else:
             assert (out / method["delta"]["file"]).is_file() and method["name"] in record["comparison"]
-            assert method["delta"]["provenance"]["plugin"]["name"] == method["name"].split()[0]
+            provenance = method["delta"]["provenance"]
+            name = provenance["plugin"]["name"]
+            assert name == method["name"].split()[0]
+            # the edit really ran with the plugin's preset: its recorded config is the preset's config
+            assert provenance["config"] == dataclasses.asdict(installed[name].configure(presets[name]))
+    assert sum(not method["error"] for method in record["methods"][1:] if presets[method["name"].split()[0]]) >= 3
     base = record["results"]["base"]
     assert base["forget"]["Image_Textual"]["choice_acc"] >= 0.9 and base["retain"]["Pure_Text"]["gen_acc"] >= 0.9
     assert "choice_letter_acc" not in base["forget"]["Pure_Text"]  # the embedded model never learnt the letters
@@ -51,8 +59,17 @@ def test_demo_fast_end_to_end(tmp_path):
     assert "base" in result.output and "forgetting rate" in result.output
 
 
+def test_paper_defaults_run_every_plugin_without_its_preset():
+    installed, _ = demo.plugins()
+    assert demo.default_runs(installed, paper_defaults=True) == [(name, {}) for name in sorted(installed)]
+    tuned = demo.default_runs(installed, paper_defaults=False)
+    assert tuned == [(name, dict(installed[name].presets.get("embedded", {}))) for name in sorted(installed)]
+    assert any(options for _, options in tuned)
+
+
 def _fake_plugins(monkeypatch, apply):
-    monkeypatch.setattr(demo, "plugins", lambda: ({"boom": object(), "meddler": object()}, apply))
+    unset = types.SimpleNamespace(presets={})
+    monkeypatch.setattr(demo, "plugins", lambda: ({"boom": unset, "meddler": unset}, apply))
 
 
 def test_failing_plugins_are_reported_and_the_model_is_kept(tmp_path, monkeypatch):
@@ -87,8 +104,8 @@ def test_failing_plugins_are_reported_and_the_model_is_kept(tmp_path, monkeypatc
     assert again["results"]["base"] == record["results"]["base"]
 
 
-def test_without_a_plugin_api_the_demo_evaluates_the_base_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "plugins", lambda: None)
+def test_without_plugins_the_demo_evaluates_the_base_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "plugins", lambda: ({}, None))
     result = runner.invoke(app, ["demo", "--fast", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     assert "no plugins are installed" in result.output

@@ -23,6 +23,15 @@ def test_every_package_is_listed_in_pyproject():
     assert found == set(config["packages"])
 
 
+def test_every_data_file_is_package_data():
+    """A wheel carries the family entries and the zoo recipes: every non-Python file is matched."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mmedit"]
+    data = [path.relative_to(ROOT / "mmedit") for path in (ROOT / "mmedit").rglob("*")
+            if path.is_file() and path.suffix not in (".py", ".pyc")]
+    assert {"arch/families", "zoo_recipes"} <= {path.parent.as_posix() for path in data}
+    assert [path for path in data if not any(path.match(pattern) for pattern in patterns)] == []
+
+
 def test_import_mmedit_stays_light():
     code = "import sys, mmedit; print('torch' in sys.modules, 'nnsight' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -8,7 +8,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mmedit import zoo
+from mmedit.arch import family
 from mmedit.cli.main import app
+from mmedit.errors import MmeditError
 from mmedit.loading import load
 
 
@@ -60,14 +62,21 @@ def test_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(zoo, "build", explode)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(MmeditError, match="disk full"):
         zoo.tiny("llava", root=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_family():
-    with pytest.raises(Exception, match="no tiny model for 'bert'"):
+    with pytest.raises(MmeditError, match="no tiny model for 'bert'"):
         zoo.tiny("bert")
+
+
+def test_recipes_are_kept_apart_from_the_architectures():
+    """Each recipe is its own data file next to an architecture entry that holds no recipe."""
+    assert set(zoo.FAMILIES) == {path.stem for path in zoo.RECIPES.glob("*.json")} and len(zoo.FAMILIES) == 10
+    for name in zoo.FAMILIES:
+        assert "tiny" not in family(name) and "config" in zoo._recipe(name)
 
 
 def test_cli_zoo_saves_a_loadable_model(tmp_path):
@@ -83,3 +92,14 @@ def test_cli_zoo_saves_a_loadable_model(tmp_path):
     assert forced.exit_code == 0, forced.output
     bad = CliRunner().invoke(app, ["zoo", "bert", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 1 and "no tiny model for 'bert'" in bad.output
+
+
+def test_cli_zoo_onto_a_file_is_one_clear_error(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    for extra in ([], ["--force"]):
+        result = CliRunner().invoke(app, ["zoo", "llava", "--out", str(target), *extra])
+        assert result.exit_code == 1
+        assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1, result.output
+    assert "not a directory" in result.output and target.read_text() == "mine"
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]  # no temp folder left

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from mmedit.arch.registry import PARTS, family
+from mmedit.data.batches import IGNORE
 from mmedit.errors import MmeditError
 
 
@@ -180,7 +181,7 @@ class ModelMap:
         return part, None
 
     def token_masks(self, inputs: dict, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Bool [B, T] masks over LLM positions: image placeholders, text, answer (labels != -100), pad.
+        """Bool [B, T] masks over LLM positions: image placeholders, text, answer (labels != IGNORE), pad.
 
         labels defaults to inputs["labels"] when there is one.
         """
@@ -189,7 +190,7 @@ class ModelMap:
         pad = torch.zeros_like(ids, dtype=torch.bool) if mask is None else mask == 0
         image = torch.zeros_like(pad) if self.image_token_id is None else (ids == self.image_token_id) & ~pad
         labels = inputs.get("labels") if labels is None else labels
-        answer = torch.zeros_like(pad) if labels is None else labels != -100
+        answer = torch.zeros_like(pad) if labels is None else labels != IGNORE
         return {"image": image, "text": ~pad & ~image, "answer": answer, "pad": pad}
 
     def _check_part(self, part: str) -> None:

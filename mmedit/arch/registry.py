@@ -15,6 +15,7 @@ from mmedit.errors import MmeditError
 
 PARTS = ("vision", "projector", "llm")
 IOS = ("input", "output")
+KEYS = ("model_type", "image_token_id", "parts")  # an entry is the architecture only (tiny-model recipes: mmedit/zoo_recipes)
 _BUILTIN = Path(__file__).parent / "families"
 
 # model_type -> entry. Filled with the built-ins on import; register_family and MMEDIT_FAMILIES add to it.
@@ -33,6 +34,9 @@ def validate(entry: object, source: str = "register_family") -> dict:
     if not isinstance(entry, dict) or not isinstance(entry.get("model_type"), str) or not entry["model_type"]:
         raise MmeditError(f"{source}: a family entry needs a non-empty string 'model_type'")
     where = f"{source} ({entry['model_type']})"
+    unknown = sorted(set(entry) - set(KEYS))
+    if unknown:
+        raise MmeditError(f"{where}: unknown key {unknown[0]!r}; an entry has {', '.join(KEYS)}")
     tokens = entry.get("image_token_id", [])
     if not (isinstance(tokens, list) and all(isinstance(name, str) for name in tokens)):
         raise MmeditError(f"{where}: 'image_token_id' must be a list of config attribute names")

@@ -1,4 +1,5 @@
-"""Looking at TraceStats: neuron importance, top-K tables and a layers x neurons heatmap per part."""
+"""Looking at TraceStats (presentation, for `mmedit trace` and `mmedit demo`): neuron importance, top-K
+tables and a layers x neurons heatmap per part."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from mmedit.trace.stats import TraceStats
+from mmedit.safefile import atomic_file
+from mmedit.trace import TraceStats
 
 
 def importance(stats: TraceStats, site: str, form: str, group: str) -> torch.Tensor:
@@ -53,8 +55,9 @@ def top_table(stats: TraceStats, form: str, group: str, k: int) -> Table:
     return table
 
 
-def heatmap(stats: TraceStats, form: str, group: str, path: str | Path) -> Path:
-    """One panel per part: layers (rows) x neurons (columns), importance scaled to each layer's max."""
+def heatmap(stats: TraceStats, form: str, group: str, path: str | Path, force: bool = False) -> Path:
+    """One panel per part: layers (rows) x neurons (columns), importance scaled to each layer's max.
+    Written atomically as a PNG; an existing `path` needs force."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +81,9 @@ def heatmap(stats: TraceStats, form: str, group: str, path: str | Path) -> Path:
         axis.set_title(f"{part}: neuron importance ({form}, {site_group(sites[0], group)} positions; 1 = layer max)")
         figure.colorbar(image, ax=axis, fraction=0.02)
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    try:
+        with atomic_file(path, force=force) as temp:
+            figure.savefig(temp, dpi=120, format="png")
+    finally:
+        plt.close(figure)
+    return Path(path)
