@@ -1,15 +1,17 @@
 """Streaming per-neuron statistics and the `TraceStats` file that holds them.
 
-Statistics are kept as running sums (float64), so memory is O(neurons) whatever the data size, two
-runs merge by adding, and every derived statistic (mean, variance, ...) is exact up to float64
-rounding of float32 batch sums. Keys are "site/form/group/field":
+Statistics are kept as running sums and centred second moments (float64, computed in float64 from the
+activations' own values), so memory is O(neurons) whatever the data size, two runs merge exactly (sums
+add; second moments by the parallel formula of Chan et al.), and every derived statistic (mean,
+variance, ...) is exact up to float64 rounding. Keys are "site/form/group/field":
 
     site   "vision.0", "projector.0", "llm.3" (see mmedit.arch.Site.name)
     form   "multimodal" (image + question) or "text" (the text-only twin)
     group  token positions: "all" (non-pad), "image", "text", "answer", "last" (last prompt token);
            vision-encoder and projector sites only have "all"
-    field  n, sum, sum_abs, sum_sq, active (count of |z| > tau), and with gradients
-           grad_sum_abs, grad_sum_sq, grad_sum_z (sum of g*z)
+    field  n (positions), sum, sum_abs, sum_sq, active (count of |z| > tau), m2 (sum of (z - mean)^2),
+           and with gradients grad_n (positions that had gradients), grad_sum_abs, grad_sum_sq,
+           grad_sum_z (sum of g*z)
 
 Per-weight squared gradients (diagonal Fisher) are kept under "fisher/form/param_name" with the
 number of batches under "fisher_batches/form".
@@ -21,27 +23,51 @@ from pathlib import Path
 import torch
 
 from mmedit import safefile
+from mmedit.data.batches import FORMS  # the one definition; mmedit.trace re-exports it
 from mmedit.errors import MmeditError
 
-FORMS = ("multimodal", "text")
+__all__ = ["FORMS", "GROUPS", "Accumulator", "TraceStats"]
+
 GROUPS = ("all", "image", "text", "answer", "last")
-ACTIVATION_FIELDS = ("n", "sum", "sum_abs", "sum_sq", "active")
-GRADIENT_FIELDS = ("grad_sum_abs", "grad_sum_sq", "grad_sum_z")
-FORMAT = "mmedit.trace/1"
+ACTIVATION_FIELDS = ("n", "sum", "sum_abs", "sum_sq", "active", "m2")
+GRADIENT_FIELDS = ("grad_n", "grad_sum_abs", "grad_sum_sq", "grad_sum_z")
+FORMAT = "mmedit.trace/2"  # /2: m2 and grad_n added
 _META_KEY = "mmedit_trace"
+
+
+def _spread(n_a: torch.Tensor, sum_a: torch.Tensor, n_b: torch.Tensor, sum_b: torch.Tensor) -> torch.Tensor:
+    """What joining two sets adds to the summed m2 (Chan et al.): n_a n_b / n * (mean_b - mean_a)^2."""
+    delta = sum_b / n_b.clamp_min(1) - sum_a / n_a.clamp_min(1)
+    return delta.square() * (n_a * n_b / (n_a + n_b).clamp_min(1))
+
+
+def _combine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TraceStats tensors of the union of two data sets: counts and sums add, m2 merges by Chan et al."""
+    tensors = {**b, **a}
+    for key in a.keys() & b.keys():
+        tensors[key] = a[key] + b[key]
+        if key.endswith("/m2"):
+            prefix = key[: -len("m2")]
+            tensors[key] += _spread(a[prefix + "n"], a[prefix + "sum"], b[prefix + "n"], b[prefix + "sum"])
+    return tensors
 
 
 class Accumulator:
     """Adds one batch of activations (and gradients) of one site into running sums.
 
     Each (site, form) keeps one float64 block [fields, groups, width] that a batch updates with one
-    matmul per field and a single add (on a GPU, a few kernels per site instead of one per field and
-    group); result() splits the blocks into the per-key tensors of TraceStats."""
+    matmul per field, one add and the [groups, width] Chan correction of m2 (on a GPU, a few kernels per
+    site instead of one per field and group); result() splits the blocks into the per-key tensors of
+    TraceStats.
+
+    A batch's m2 is computed centred, in float64: the sum of (z - shift)^2 with one per-neuron shift (the
+    batch mean of its largest group) minus count * (group mean - shift)^2. Its rounding grows with how far
+    a group's mean sits from the shift, not with (mean / std)^2 as E[z^2] - E[z]^2 does."""
 
     def __init__(self, tau: float = 0.1):
         self.tau = tau
         self.blocks: dict[tuple, torch.Tensor] = {}  # (site, form, groups, fields) -> [fields, groups, width]
-        self.counts: dict[tuple, torch.Tensor] = {}  # same key -> [groups] positions counted
+        self.counts: dict[tuple, torch.Tensor] = {}  # same key -> [groups, 1] positions counted
         self.fisher: dict[str, torch.Tensor] = {}
         self.fisher_batches: dict[str, int] = {}
 
@@ -55,27 +81,41 @@ class Accumulator:
     ) -> None:
         """values/grads: [..., width]; masks: group -> bool tensor of values.shape[:-1]."""
         width = values.shape[-1]
-        z = values.detach().reshape(-1, width).float()
-        g = None if grads is None else grads.detach().reshape(-1, width).float()
+        z = values.detach().reshape(-1, width)
+        g = None if grads is None else grads.detach().reshape(-1, width)
         groups = tuple(masks)
-        weights = torch.stack([masks[group].reshape(-1) for group in groups]).to(z.dtype)
-        columns = [lambda: z, z.abs, z.square, lambda: (z.abs() > self.tau).to(z.dtype)]
+        weights = torch.stack([masks[group].reshape(-1) for group in groups]).to(torch.float64)
+        count = weights.sum(dim=1, keepdim=True)
+
+        def wide(x: torch.Tensor) -> torch.Tensor:  # a float64 copy, free to change in place
+            return x.to(torch.float64, copy=True)
+
         fields = ACTIVATION_FIELDS[1:]
+        columns = [lambda: z.to(torch.float64), lambda: wide(z).abs_(), lambda: wide(z).square_(),
+                   lambda: wide(z).abs_().gt_(self.tau), lambda: wide(z).sub_(shift).square_()]  # shift: below
         if g is not None:
-            columns += [g.abs, g.square, lambda: g * z]
-            fields += GRADIENT_FIELDS
+            fields += GRADIENT_FIELDS[1:]
+            columns += [lambda: wide(g).abs_(), lambda: wide(g).square_(), lambda: wide(g).mul_(z)]
         # Every masked sum as a [groups, positions] @ [positions, width] matmul written into one block, one
-        # column at a time (peak memory: one extra activation-sized tensor).
-        sums = z.new_empty(len(fields), len(groups), width)
-        for index, column in enumerate(columns):
-            torch.matmul(weights, column(), out=sums[index])
+        # column at a time (peak memory: one float64 activation-sized tensor).
+        batch = weights.new_empty(len(fields), len(groups), width)
+        torch.matmul(weights, columns[0](), out=batch[0])
+        largest = count.argmax()
+        shift = batch[0, largest] / count[largest].clamp_min(1)
+        for index, column in enumerate(columns[1:], start=1):
+            torch.matmul(weights, column(), out=batch[index])
+        m2 = fields.index("m2")
+        batch[m2] -= (batch[0] - count * shift).square() / count.clamp_min(1)
+        batch[m2].clamp_min_(0.0)
         key = (site, form, groups, fields)
         if key in self.blocks:
-            self.blocks[key] += sums
-            self.counts[key] += weights.sum(dim=1)
+            block, seen = self.blocks[key], self.counts[key]
+            block[m2] += _spread(seen, block[0], count, batch[0])  # before the sums move
+            block += batch
+            seen += count
         else:
-            self.blocks[key] = sums.double()
-            self.counts[key] = weights.sum(dim=1).double()
+            self.blocks[key] = batch
+            self.counts[key] = count
 
     def add_fisher(self, form: str, param: str, grad: torch.Tensor) -> None:
         key, square = f"fisher/{form}/{param}", grad.detach().float().square()
@@ -89,17 +129,16 @@ class Accumulator:
 
     def result(self, meta: dict) -> TraceStats:
         tensors: dict[str, torch.Tensor] = {}
-
-        def put(key: str, value: torch.Tensor) -> None:  # blocks with and without gradients share keys
-            tensors[key] = tensors[key] + value if key in tensors else value.clone()
-
-        for key, block in self.blocks.items():
+        for key, block in self.blocks.items():  # blocks with and without gradients share keys: combine
             site, form, groups, fields = key
             block, counts = block.cpu(), self.counts[key].cpu()
             for g, group in enumerate(groups):
-                put(f"{site}/{form}/{group}/n", counts[g : g + 1])
-                for f, field in enumerate(fields):
-                    put(f"{site}/{form}/{group}/{field}", block[f, g])
+                prefix = f"{site}/{form}/{group}/"
+                part = {prefix + field: block[f, g].clone() for f, field in enumerate(fields)}
+                part[prefix + "n"] = counts[g].clone()
+                if "grad_sum_abs" in fields:
+                    part[prefix + "grad_n"] = counts[g].clone()
+                tensors = _combine(tensors, part)
         tensors.update((key, value.cpu()) for key, value in self.fisher.items())
         for form, count in self.fisher_batches.items():
             tensors[f"fisher_batches/{form}"] = torch.tensor([count], dtype=torch.int64)
@@ -130,8 +169,9 @@ class TraceStats:
     def count(self, site: str, form: str = "multimodal", group: str = "all") -> float:
         return float(self.sum(site, form, group, "n").item())
 
-    def _mean(self, site: str, form: str, group: str, field: str) -> torch.Tensor:
-        return self.sum(site, form, group, field) / max(self.count(site, form, group), 1.0)
+    def _mean(self, site: str, form: str, group: str, field: str, count: str = "n") -> torch.Tensor:
+        """field / count; gradient sums divide by grad_n, the positions that had gradients."""
+        return self.sum(site, form, group, field) / self.sum(site, form, group, count).clamp_min(1.0)
 
     # -- derived statistics (float64, shape [width]) --------------------------------------------
     def mean(self, site: str, form: str = "multimodal", group: str = "all") -> torch.Tensor:
@@ -144,23 +184,22 @@ class TraceStats:
         return self.sum(site, form, group, "sum_sq")
 
     def var(self, site: str, form: str = "multimodal", group: str = "all") -> torch.Tensor:
-        """Population variance."""
-        mean = self.mean(site, form, group)
-        return (self._mean(site, form, group, "sum_sq") - mean.square()).clamp_min(0.0)
+        """Population variance: m2 / n."""
+        return self._mean(site, form, group, "m2")
 
     def active(self, site: str, form: str = "multimodal", group: str = "all") -> torch.Tensor:
         """How many positions had |z| > tau."""
         return self.sum(site, form, group, "active")
 
     def grad_mean_abs(self, site: str, form: str = "multimodal", group: str = "all") -> torch.Tensor:
-        return self._mean(site, form, group, "grad_sum_abs")
+        return self._mean(site, form, group, "grad_sum_abs", "grad_n")
 
     def grad_mean_sq(self, site: str, form: str = "multimodal", group: str = "all") -> torch.Tensor:
-        return self._mean(site, form, group, "grad_sum_sq")
+        return self._mean(site, form, group, "grad_sum_sq", "grad_n")
 
     def grad_mean_z(self, site: str, form: str = "multimodal", group: str = "all") -> torch.Tensor:
         """Mean of g*z: a first-order estimate of each neuron's effect on the loss."""
-        return self._mean(site, form, group, "grad_sum_z")
+        return self._mean(site, form, group, "grad_sum_z", "grad_n")
 
     def fisher(self, param: str, form: str = "multimodal") -> torch.Tensor:
         """Diagonal empirical Fisher: mean over batches of the squared batch gradient (float32)."""
@@ -187,10 +226,8 @@ class TraceStats:
 
     # -- combining and files --------------------------------------------------------------------
     def merge(self, other: TraceStats) -> TraceStats:
-        """Statistics of the union of both data sets (sums add)."""
-        tensors = dict(self.tensors)
-        for key, value in other.tensors.items():
-            tensors[key] = tensors[key] + value if key in tensors else value
+        """Statistics of the union of both data sets (sums add, m2 by Chan et al.)."""
+        tensors = _combine(self.tensors, other.tensors)
         meta = dict(self.meta)
         meta["merged_from"] = [self.meta.get("data"), other.meta.get("data")]
         return TraceStats(tensors, meta)
