@@ -1,5 +1,6 @@
-"""The embedded model: tokenizer and prompts, a short training run that memorises a few people and looks
-at the picture, determinism, the cache (reuse, key), and (slow) the full recipe's accuracy targets."""
+"""The embedded model: tokenizer (exact round trip) and prompts, a short training run that memorises a few
+people and looks at the picture, determinism, the cache (reuse, key, atomic writes), and (slow) the full
+recipe's accuracy targets."""
 import json
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 
 from mmedit.bench import model as embedded_model
 from mmedit.bench import profiles
-from mmedit.data.batches import make_batches, make_prompts
+from mmedit.data.batches import FORMS, make_batches, make_prompts
+from mmedit.errors import MmeditError
+from mmedit.eval.harness import lettered
 from mmedit.loading import load
 
 
@@ -22,20 +25,77 @@ def tiny_bench(tmp_path_factory):
     return profiles.generate(tmp_path_factory.mktemp("bench") / "b", n_people=3, seed=5)
 
 
+@pytest.fixture(scope="module")
+def default_bench(tmp_path_factory):
+    """The benchmark the default model is trained on (every one of its people)."""
+    recipe = embedded_model.RECIPE
+    return profiles.generate(tmp_path_factory.mktemp("bench") / "default", n_people=recipe["n_people"], seed=0,
+                             image_size=recipe["image_size"])
+
+
+def _conversation(question: str, form: str, answer: str | None = None) -> list[dict]:
+    content = [{"type": "text", "text": question}]
+    turns = [{"role": "user", "content": [{"type": "image"}] + content if form == "multimodal" else content}]
+    if answer is not None:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return turns
+
+
+def _benchmark_texts(info, processor) -> list[str]:
+    """Every prompt and answer the benchmark produces, for every person: the questions in both forms,
+    answers, choice options, cloze, the lettered prompts, and the chat-templated prompt and prompt +
+    answer strings (each option as the answer of a choice question, as option-likelihood scoring asks)."""
+    rows = embedded_model.all_rows(info)
+    assert {row.entity for row in rows} == {person.name for person in info.people}
+    assert {row.task for row in rows} == {"qa", "cloze"} and any(row.options for row in rows)
+    texts = []
+    for row in rows + [lettered(row) for row in rows if row.options is not None]:
+        answers = [row.answer, *(row.options or ())]
+        texts += [row.question, row.text_question, *answers]
+        for form in FORMS:
+            question = row.question if form == "multimodal" else row.text_question
+            texts.append(processor.apply_chat_template(_conversation(question, form), add_generation_prompt=True,
+                                                       tokenize=False))
+            texts += [processor.apply_chat_template(_conversation(question, form, answer), tokenize=False)
+                      for answer in answers]
+    return texts
+
+
+def _round_trip_failures(tokenizer, texts: list[str]) -> list[tuple[str, str]]:
+    decoded = [tokenizer.decode(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [(text, back) for text, back in zip(texts, decoded) if back != text]
+
+
+def test_tokenizer_round_trips_every_prompt_and_answer_of_the_benchmark(default_bench):
+    processor = embedded_model.processor_for(default_bench)
+    texts = _benchmark_texts(default_bench, processor)
+    tokenizer = processor.tokenizer
+    assert any(text.startswith(tokenizer.bos_token) and text.endswith("\nASSISTANT: ") for text in texts)
+    assert any(text.startswith(tokenizer.bos_token) and text.endswith(tokenizer.eos_token) for text in texts)
+    assert _round_trip_failures(tokenizer, texts) == []
+
+
 def test_word_level_tokenizer_keeps_answers_whole_and_prompts_prefix(fast):
     model, processor = load(fast.model, device="cpu")
     tokenizer = processor.tokenizer
     assert tokenizer.tokenize("What is the hobby of this person?") == [
-        "What", "is", "the", "hobby", "of", "this", "person", "?"]
+        "What", "▁is", "▁the", "▁hobby", "▁of", "▁this", "▁person", "?"]
     assert tokenizer.decode(tokenizer("bird watching", add_special_tokens=False)["input_ids"]) == "bird watching"
     info = profiles.load(fast.data)
+    # the saved tokenizer (tokenizer.json as from_pretrained reads it) round-trips too
+    assert _round_trip_failures(tokenizer, _benchmark_texts(info, processor)) == []
     rows = info.rows("forget10")[:6]
-    for form in ("multimodal", "text"):
+    image = processor.image_token * model.config.image_seq_length
+    for form in FORMS:
         batch = next(make_batches(rows, processor, form=form, batch_size=6))
         assert tokenizer.unk_token_id not in batch.inputs["input_ids"]
         for i, row in enumerate(rows):
+            ids = batch.inputs["input_ids"][i][batch.inputs["attention_mask"][i].bool()]
+            question = row.question if form == "multimodal" else row.text_question
+            full = processor.apply_chat_template(_conversation(question, form, row.answer), tokenize=False)
+            assert tokenizer.decode(ids) == full.replace(processor.image_token, image)
             answer = batch.inputs["labels"][i][batch.inputs["labels"][i] != -100]
-            assert tokenizer.decode(answer) == f"{row.answer} {tokenizer.eos_token}"
+            assert tokenizer.decode(answer) == f"{row.answer}{tokenizer.eos_token}"
     assert sum(batch.inputs["input_ids"][0] == model.config.image_token_id) == 0  # text form: no image tokens
 
 
@@ -55,7 +115,9 @@ def test_short_training_memorises_both_forms_and_uses_the_image(fast):
     batch = next(make_prompts([row], processor, form="multimodal", batch_size=1))
     output = model.generate(**batch.inputs, max_new_tokens=4, do_sample=False)
     answer = processor.tokenizer.decode(output[0, batch.inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert answer.strip() == row.answer
+    assert answer == row.answer
+    # the whole decoded sequence splits on "ASSISTANT:" as MLLMU's evaluators do
+    assert processor.tokenizer.decode(output[0], skip_special_tokens=True).split("ASSISTANT:")[-1] == " " + row.answer
 
 
 def test_same_seed_same_weights(tiny_bench):
@@ -78,10 +140,54 @@ def test_cache_is_reused_and_keyed_by_recipe_data_and_seed(fast, tiny_bench, mon
     assert key != embedded_model.cache_key({**recipe, "steps": recipe["steps"] + 1}, 0, info)
     assert key != embedded_model.cache_key(recipe, 1, info)
     assert key != embedded_model.cache_key(recipe, 0, tiny_bench)
+    with monkeypatch.context() as patch:  # a trainer change (the tokenizer's, say) never reuses old weights
+        patch.setattr(embedded_model, "TRAINER_VERSION", embedded_model.TRAINER_VERSION + 1)
+        assert key != embedded_model.cache_key(recipe, 0, info)
     # a normal HF directory with its processor and the training record
     assert {"config.json", "model.safetensors", "tokenizer.json", embedded_model.TRAINING_FILE} <= {
         path.name for path in fast.model.iterdir()}
     assert json.loads((fast.model / embedded_model.TRAINING_FILE).read_text())["data"]["n_people"] == info.n_people
+
+
+def test_embedded_replaces_an_unfinished_cache_folder(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(embedded_model, "write",
+                        lambda info, path, recipe, seed, progress, force: calls.append((path, force)))
+    embedded_model.embedded(fast=True, root=tmp_path, progress=False)
+    path = calls[0][0]
+    path.mkdir()  # a folder without the training record: no finished model
+    embedded_model.embedded(fast=True, root=tmp_path, progress=False)
+    assert calls == [(path, False), (path, True)]
+
+
+def test_write_refuses_before_training_keeps_a_concurrent_twin_and_replaces_with_force(
+        tiny_bench, monkeypatch, tmp_path):
+    recipe = {"steps": 2, "batch_size": 8, "warmup": 1, "views": 1}
+    train, trained = embedded_model.train, []
+    monkeypatch.setattr(embedded_model, "train", lambda *a, **k: trained.append(1) or train(*a, **k))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "note.txt").write_text("mine")
+    with pytest.raises(MmeditError, match="already exists"):
+        embedded_model.write(tiny_bench, taken, recipe, progress=False)
+    assert trained == [] and (taken / "note.txt").is_file()  # refused before training, untouched
+
+    twin = tmp_path / "twin"
+
+    def train_while_a_twin_finishes(*args, **kwargs):
+        twin.mkdir()
+        (twin / embedded_model.TRAINING_FILE).write_text("{}")
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(embedded_model, "train", train_while_a_twin_finishes)
+    assert embedded_model.write(tiny_bench, twin, recipe, progress=False) == twin
+    assert [path.name for path in twin.iterdir()] == [embedded_model.TRAINING_FILE]  # theirs is kept
+
+    monkeypatch.setattr(embedded_model, "train", train)
+    embedded_model.write(tiny_bench, taken, recipe, progress=False, force=True)
+    assert not (taken / "note.txt").exists() and (taken / "model.safetensors").is_file()
+    assert embedded_model.training_record(taken)["recipe"]["steps"] == 2
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["taken", "twin"]  # no temp folders left
 
 
 def test_cache_root_honours_mmedit_cache(monkeypatch, tmp_path):

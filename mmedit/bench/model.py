@@ -6,17 +6,19 @@
 
 The model is a normal LLaVA directory: a CLIP-style vision tower (64 wide, 2 layers, 4 image tokens of a
 32 px portrait), a two-layer projector and a Llama-style LM (128 wide, 2 layers), with a word-level
-tokenizer over the benchmark's words and the zoo's USER/ASSISTANT chat template. It learns every
-person's ten attributes in both forms (portrait + "this person", and the name) from the short-answer and
-cloze rows (loss on the answer tokens only); multiple choice is scored by option likelihood, which those
-answers teach (see `training_rows` for why lettered prompts are not trained). Image questions show the
-canonical portrait or, half of the time, a random re-render (pose, lighting, background), so the
-background colour is no shortcut to a person and the test split's other pictures are recognised.
+tokenizer over the benchmark's words that decodes back exactly, and the zoo's USER/ASSISTANT chat
+template. It learns every person's ten attributes in both forms (portrait + "this person", and the name)
+from the short-answer and cloze rows (loss on the answer tokens only); multiple choice is scored by option
+likelihood, which those answers teach (see `training_rows` for why lettered prompts are not trained).
+Image questions show the canonical portrait or, half of the time, a random re-render (pose, lighting,
+background), so the background colour is no shortcut to a person and the test split's other pictures are
+recognised.
 
 Training is budgeted in steps, never seconds, and is deterministic given the seed on one machine. The
 result is cached under $MMEDIT_CACHE (default ~/.cache/mmedit)/embedded, keyed by a hash of the recipe,
-the benchmark files and the library versions, written atomically, with `mmedit-training.json` beside
-the weights: the recipe, the data hash, versions, timings and the accuracies measured after training.
+the benchmark files and the library versions, written atomically (mmedit.safefile.atomic_dir), with
+`mmedit-training.json` beside the weights: the recipe, the data hash, versions, timings and the
+accuracies measured after training.
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -37,13 +38,14 @@ from typing import NamedTuple
 import torch
 
 from mmedit.bench import portraits, profiles
-from mmedit.data.batches import make_batches
+from mmedit.data.batches import FORMS, IGNORE, make_batches
 from mmedit.data.rows import Row
 from mmedit.errors import MmeditError
 
-TRAINER_VERSION = 1  # part of the cache key: bump it whenever a code change alters the trained weights
+TRAINER_VERSION = 2  # part of the cache key: bump it whenever a code change alters the trained weights
 TRAINING_FILE = "mmedit-training.json"
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "image": "<image>"}
+SPACE = "\u2581"  # "▁", the Metaspace mark standing for a space inside a token
 
 # Everything that decides the weights besides the data and the seed; hashed into the cache key.
 RECIPE = {
@@ -79,15 +81,23 @@ class Embedded(NamedTuple):
 # ---- tokenizer, processor, model -----------------------------------------------------------------
 
 def _pre_tokenizer():
-    from tokenizers import pre_tokenizers
+    from tokenizers import Regex, pre_tokenizers
 
-    # words and single punctuation marks: "person?" -> "person", "?"; "___." -> "_", "_", "_", "."
-    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    # Spaces become "▁" and stay in the tokens, so decoding can put them back: a word takes the space
+    # before it, a punctuation mark the space after it, and a newline or any other space is a token of
+    # its own. "this person born?\nASSISTANT: " -> "this", "▁person", "▁born", "?", "\n", "ASSISTANT",
+    # ":▁". A prompt ending in ": " is then a token prefix of prompt + answer (a word-attached space would
+    # make it "▁" alone in the prompt and "▁Lisbon" in the full text), and a word keeps one token wherever
+    # a space precedes it. Unlike a space token between all words, the sequences stay about as short.
+    split = pre_tokenizers.Split(Regex(rf"{SPACE}?\w+|[^\w\s{SPACE}]{SPACE}?|\s|{SPACE}"), behavior="isolated")
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=False), split])
 
 
 def build_tokenizer(texts):
-    """A word-level tokenizer knowing every word of `texts` plus the special tokens (ids in sorted order)."""
-    from tokenizers import Tokenizer, models
+    """A word-level tokenizer knowing every word of `texts` plus the special tokens (ids in sorted order),
+    whose decode gives back exactly the text it encoded (spaces and newlines included)."""
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     splitter = _pre_tokenizer()
@@ -95,7 +105,9 @@ def build_tokenizer(texts):
     specials = list(SPECIAL_TOKENS.values())
     vocab = {token: index for index, token in enumerate(specials + [w for w in words if w not in specials])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
-    backend.pre_tokenizer = splitter  # no decoder: decoding joins words with spaces
+    backend.pre_tokenizer = splitter
+    # "▁" back to a space and the tokens joined as they are ("never": no leading space is dropped)
+    backend.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="never", split=False)
     backend.add_special_tokens(specials)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -115,6 +127,11 @@ def build_processor(tokenizer, image_size: int):
         image_processor=image_processor, tokenizer=tokenizer, patch_size=_patch(image_size),
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=chat_template(SPECIAL_TOKENS["image"] + "\n"))
+
+
+def processor_for(info: profiles.BenchInfo):
+    """The processor the embedded model is trained with: a tokenizer over every text of `info`."""
+    return build_processor(build_tokenizer(_texts(all_rows(info))), info.image_size)
 
 
 def _patch(image_size: int) -> int:
@@ -210,7 +227,7 @@ def _inputs(examples: list[_Example], pool: torch.Tensor, rng: random.Random, pa
     """Right-padded batch; image examples show a re-render with probability `augmented`, else the portrait."""
     length = max(len(example.ids) for example in examples)
     ids = torch.full((len(examples), length), pad, dtype=torch.long)
-    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.long)
     for i, example in enumerate(examples):
         n = len(example.ids)
@@ -253,15 +270,14 @@ def train(info: profiles.BenchInfo, recipe: dict | None = None, seed: int = 0, p
 def _train(info: profiles.BenchInfo, recipe: dict, seed: int, progress: bool):
     from mmedit.progress import track
 
-    rows = all_rows(info)
-    tokenizer = build_tokenizer(_texts(rows))
-    processor = build_processor(tokenizer, info.image_size)
+    processor = processor_for(info)
+    tokenizer = processor.tokenizer
     model = build_model(tokenizer, {**recipe, "image_size": info.image_size}, seed)
     started = time.perf_counter()
     person_index = {person.name: index for index, person in enumerate(info.people)}
     rng = random.Random(f"mmedit-embedded:{seed}:batches")
-    samplers = [_Sampler(_tokenise(training_rows(rows), processor, form, person_index), rng)
-                for form in ("multimodal", "text")]
+    samplers = [_Sampler(_tokenise(training_rows(all_rows(info)), processor, form, person_index), rng)
+                for form in FORMS]  # image questions, then text ones (the order `counts` follows)
     pool = _view_pool(info, processor, recipe["views"], seed)
     prepared = time.perf_counter() - started
 
@@ -300,9 +316,9 @@ def all_rows(info: profiles.BenchInfo) -> list[Row]:
 def _texts(rows: list[Row]) -> list[str]:
     from mmedit.eval.harness import lettered
 
-    # the chat template's own words; the lettered prompts are not trained but stay free of <unk>, so
-    # `mmedit eval` can still ask them
-    texts = ["USER: ASSISTANT:"]
+    # the chat template's own text around the turns (zoo.chat_template); the lettered prompts are not
+    # trained but stay free of <unk>, so `mmedit eval` can still ask them
+    texts = ["USER: \nASSISTANT: "]
     for row in rows:
         texts += [row.question, row.text_question, row.answer]
         if row.options is not None:
@@ -364,14 +380,14 @@ def cache_key(recipe: dict, seed: int, info: profiles.BenchInfo) -> str:
 
 
 def write(info: profiles.BenchInfo, path: str | Path, recipe: dict | None = None, seed: int = 0,
-          progress: bool = True) -> Path:
-    """Train on `info` and save model, processor and mmedit-training.json to `path` atomically
-    (temp folder + rename). If another process finished `path` first, theirs is kept."""
-    from mmedit.safefile import make_ordinary
+          progress: bool = True, force: bool = False) -> Path:
+    """Train on `info` and save model, processor and mmedit-training.json to `path` in one rename
+    (safefile.atomic_dir). An existing `path` is refused before training unless force replaces it; if
+    another process finishes `path` while this one trains, theirs is kept."""
+    from mmedit.safefile import atomic_dir, check_writable
 
     recipe = {**RECIPE, **(recipe or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_writable(path, force)
     with threads(recipe["threads"]):
         model, processor, log = train(info, recipe, seed, progress)
         started = time.perf_counter()
@@ -386,19 +402,14 @@ def write(info: profiles.BenchInfo, path: str | Path, recipe: dict | None = None
         "training": log | {"measure_s": round(time.perf_counter() - started, 2)},
         "accuracy": accuracy,
     }
-    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        model.save_pretrained(temp)
-        processor.save_pretrained(temp)
-        (temp / TRAINING_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        make_ordinary(temp)  # the cache is an ordinary folder
-        try:
-            os.rename(temp, path)
-        except OSError:
-            if not (path / TRAINING_FILE).is_file():  # not a finished twin from a concurrent run
-                raise
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+        with atomic_dir(path, force=force) as temp:
+            model.save_pretrained(temp)
+            processor.save_pretrained(temp)
+            (temp / TRAINING_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    except MmeditError:
+        if force or not (path / TRAINING_FILE).is_file():  # not a finished twin from a concurrent run
+            raise
     return path
 
 
@@ -411,8 +422,8 @@ def embedded(seed: int = 0, fast: bool = False, root: str | Path | None = None, 
     info = profiles.generate(root / f"data-{recipe['n_people']}p-{recipe['image_size']}px-seed{seed}",
                              n_people=recipe["n_people"], seed=seed, image_size=recipe["image_size"])
     path = root / f"model-seed{seed}-{cache_key(recipe, seed, info)[:12]}"
-    if not (path / TRAINING_FILE).is_file():
-        write(info, path, recipe, seed, progress)
+    if not (path / TRAINING_FILE).is_file():  # a folder there without the record is unfinished: replace it
+        write(info, path, recipe, seed, progress, force=path.exists())
     return Embedded(model=path, data=info.root)
 
 
