@@ -3,10 +3,12 @@ pruned neurons are exactly zero on any input (soft: exactly scaled), precomputed
 `mmedit trace` + `mmedit apply --stats`) give the same edit, and bad statistics are refused."""
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 from typer.testing import CliRunner
 
 from mmedit import zoo
@@ -18,7 +20,7 @@ from mmedit.delta import Delta
 from mmedit.errors import MmeditError
 from mmedit.loading import load
 from mmedit.plugins import apply_plugin, get
-from mmedit.plugins.manu import report, scoring
+from mmedit.plugins.manu import candidate_sites, report, scoring
 from mmedit.trace import TraceStats, trace
 
 TAU = 0.1
@@ -151,10 +153,13 @@ def test_planted_forget_neurons_are_selected_and_retain_ones_are_not(planted, da
     assert chosen == {"llm.0": {FORGET["llm.0"]}, "llm.1": {FORGET["llm.1"]}}
     assert all(mapping.part_of(name)[0] == "llm" for name in by_layer.changes)
 
-    # The reference preset finds them too.
+    # The reference preset reads vision and projector from the multimodal pass: it finds those planted
+    # neurons. It reads the LLM from the text-only pass, which never carries the image route the planted
+    # LLM neurons read: they stay unselected there.
     reference = selected(apply_plugin("manu", model, processor, data["forget"], data["retain"],
                                       {"preset": "reference"}, progress=False), mapping)
-    assert all(neuron in reference.get(name, set()) for name, neuron in FORGET.items() if name.startswith("llm"))
+    for name, neuron in FORGET.items():
+        assert (neuron in reference.get(name, set())) == (not name.startswith("llm")), (name, reference)
 
 
 # ---- scores against a direct computation ------------------------------------------------------------
@@ -185,18 +190,27 @@ def materialise(model, mapping, rows, processor, form: str) -> dict[str, dict[st
             for name, groups in values.items() if groups["all"]}
 
 
-def direct_scores(acts, weights, comparison, group, rates) -> dict[str, torch.Tensor]:
+def direct_scores(acts, preset, group, rates) -> dict[str, torch.Tensor]:
+    """S from the materialised activations: the paper's modality comparison, or the reference code's
+    sum_k w_k (F_k / (R_k + 1e-5) - 1) on one pass per site (LLM: text-only; vision, projector: multimodal)."""
     def stats(z):
         share = (z.abs() > TAU).double().mean(0) if rates else (z.abs() > TAU).double().sum(0)
         energy = z.square().mean(0) if rates else z.square().sum(0)
         return z.abs().mean(0), share, z.var(0, unbiased=False), energy
 
     def cmp(a, b):
-        return (a - b).abs() / (a + b + EPS) if comparison == "normalized" else (a / (b + EPS) - 1).abs()
+        return (a - b).abs() / (a + b + EPS)
 
     scores = {}
     for name in acts["forget", "multimodal"]:
         used = group if name.startswith("llm") else "all"
+        if preset == "reference":
+            form = "text" if name.startswith("llm") else "multimodal"
+            (z_f, n_f, v_f, e_f), (z_r, n_r, v_r, e_r) = (stats(acts[role, form][name][used])
+                                                          for role in ("forget", "retain"))
+            pairs = [(2, z_f, z_r), (0, n_f, n_r), (2, v_f.sqrt(), v_r.sqrt()), (2, e_f.sqrt(), e_r.sqrt())]
+            scores[name] = sum(w * (f / (r + 1e-5) - 1) for w, f, r in pairs)
+            continue
         importance = []
         for role in ("forget", "retain"):
             z_m, n_m, v_m, e_m = stats(acts[role, "multimodal"][name][used])
@@ -205,9 +219,15 @@ def direct_scores(acts, weights, comparison, group, rates) -> dict[str, torch.Te
                 terms = [cmp(z_m, z_t), cmp(n_m, n_t), (v_m + v_t).sqrt(), cmp(e_m, e_t).sqrt()]
             else:  # no text side: the multimodal statistics alone
                 terms = [z_m, n_m, v_m.sqrt(), e_m.sqrt()]
-            importance.append(sum(w * t for w, t in zip(weights, terms)))
+            importance.append(sum(terms))
         scores[name] = importance[0] / (importance[1] + EPS)
     return scores
+
+
+def traced(model, processor, data, group="all") -> dict[str, TraceStats]:
+    return {role: trace(model, (b for form in ("multimodal", "text")
+                                for b in make_batches(data[role], processor, form, batch_size=4)),
+                        groups=(group,), tau=TAU, progress=False) for role in ("forget", "retain")}
 
 
 @pytest.mark.parametrize("preset, group, rates", [("paper", "all", True), ("paper", "last", False),
@@ -217,22 +237,18 @@ def test_scores_equal_the_formulas_on_materialised_activations(planted, data, pr
     mapping = model_map(model)
     acts = {(role, form): materialise(model, mapping, data[role], processor, form)
             for role in ("forget", "retain") for form in ("multimodal", "text")}
-    weights, comparison = scoring.PRESETS[preset]
-    expected = direct_scores(acts, [weights[t] for t in scoring.TERMS], comparison, group, rates)
+    expected = direct_scores(acts, preset, group, rates)
 
-    traced = {role: trace(model, (b for form in ("multimodal", "text")
-                                  for b in make_batches(data[role], processor, form, batch_size=4)),
-                          groups=(group,), tau=TAU, progress=False) for role in ("forget", "retain")}
-    got = scoring.site_scores(traced["forget"], traced["retain"], mapping.sites, image_only=mapping.image_only,
-                              group=group, weights=weights, comparison=comparison, rates=rates)
+    stats = traced(model, processor, data, group)
+    got = scoring.site_scores(stats["forget"], stats["retain"], mapping.sites, image_only=mapping.image_only,
+                              group=group, preset=preset, rates=rates)
     assert set(got) == set(expected)
     # The tracer adds float32 batch sums into float64 (relative error ~1e-7 on each statistic);
     # |a - b| / (a + b) turns that into an absolute error of about the same size where a ~ b.
     for name, score in expected.items():
         torch.testing.assert_close(got[name].score, score, rtol=1e-4, atol=1e-4)
-        assert got[name].text_side == name.startswith("llm")
     for role, form, name in [("forget", "text", "llm.1"), ("retain", "multimodal", "vision.0")]:
-        moments = scoring.moments(traced[role], name, form, group if name.startswith("llm") else "all", rates)
+        moments = scoring.moments(stats[role], role, name, form, group if name.startswith("llm") else "all", rates)
         z = acts[role, form][name][group if name.startswith("llm") else "all"]
         reduce = (lambda t: t.mean(0)) if rates else (lambda t: t.sum(0))  # noqa: E731
         torch.testing.assert_close(moments.mean_abs, z.abs().mean(0), rtol=2e-6, atol=0)
@@ -241,13 +257,68 @@ def test_scores_equal_the_formulas_on_materialised_activations(planted, data, pr
         torch.testing.assert_close(moments.energy, reduce(z.square()), rtol=2e-6, atol=0)
 
     # Selection: the top 2 % of each part's concatenated scores.
-    chosen = scoring.select(got, 2.0)
+    chosen = scoring.select(got, 2.0).chosen
     for part in ("vision", "projector", "llm"):
         names = [s.name for s in mapping.sites_of(part)]
         flat = torch.cat([got[n].score for n in names])
         top = set(flat.topk(scoring.budget(2.0, flat.numel())).indices.tolist())
         offsets = dict(zip(names, [0, *torch.tensor([expected[n].numel() for n in names]).cumsum(0).tolist()]))
         assert {offsets[n] + i for n in names for i in chosen.get(n, torch.empty(0)).tolist()} == top
+
+
+def reference_transcription(forget: TraceStats, retain: TraceStats, sites) -> dict[str, torch.Tensor]:
+    """franciscoliu/MANU prune/prune_utility.py compute_combined_scores_incremental, written out on the
+    traced sums: S = sum_k w_k (F_k / (R_k + 1e-5) - 1), weights abs 2, freq 0, var 2, rms 2, with
+    F_abs = mean |z|, F_freq = share |z| > 0.1, F_var = std z, F_rms = sqrt(mean z^2) (the code's
+    collect_feedforward_activations), each site from ONE pass: the LLM layers the text-only pass (the
+    code's "unimodal" hooks), vision and projector the multimodal pass."""
+    def statistics(stats, site, form):
+        n = stats.count(site, form, "all")
+        mean = stats.sum(site, form, "all", "sum").double() / n
+        mean_sq = stats.sum_sq(site, form, "all").double() / n
+        return {"abs": stats.sum(site, form, "all", "sum_abs").double() / n,
+                "freq": stats.active(site, form, "all").double() / n,
+                "var": (mean_sq - mean.square()).clamp_min(0).sqrt(), "rms": mean_sq.sqrt()}
+
+    weights = {"abs": 2.0, "freq": 0.0, "var": 2.0, "rms": 2.0}
+    scores = {}
+    for site in sites:
+        form = "text" if site.part == "llm" else "multimodal"
+        f, r = statistics(forget, site.name, form), statistics(retain, site.name, form)
+        scores[site.name] = sum(w * (f[k] / (r[k] + 1e-5) - 1) for k, w in weights.items())
+    return scores
+
+
+def test_reference_preset_is_the_public_codes_score(planted, data):
+    model, processor = planted
+    mapping = model_map(model)
+    stats = traced(model, processor, data)
+    expected = reference_transcription(stats["forget"], stats["retain"], mapping.sites)
+    settings = get("manu").configure({"preset": "reference"}).scoring
+    got = scoring.site_scores(stats["forget"], stats["retain"], mapping.sites, image_only=mapping.image_only,
+                              **settings)
+    assert set(got) == set(expected)
+    for name, score in expected.items():
+        torch.testing.assert_close(got[name].score, score, rtol=1e-6, atol=1e-6)
+        assert got[name].forms == (("text",) if name.startswith("llm") else ("multimodal",))
+    # Not the modality comparison (nor anything else): the scores differ from the paper preset's.
+    paper = scoring.site_scores(stats["forget"], stats["retain"], mapping.sites, image_only=mapping.image_only)
+    assert not torch.allclose(paper["llm.0"].score, expected["llm.0"], rtol=1e-2)
+
+    # The plugin's edit selects each part's top 2 % of exactly these scores, and reports the forms read.
+    delta = apply_plugin("manu", model, processor, data["forget"], data["retain"], {"preset": "reference"},
+                         stats=stats, progress=False)
+    chosen = selected(delta, mapping)
+    for part in ("vision", "projector", "llm"):
+        names = [site.name for site in mapping.sites_of(part)]
+        flat = torch.cat([expected[name] for name in names])
+        k = max(1, round(0.02 * flat.numel()))
+        offsets = dict(zip(names, [0, *torch.tensor([expected[n].numel() for n in names]).cumsum(0).tolist()]))
+        assert {offsets[n] + i for n in names for i in chosen.get(n, ())} == set(flat.topk(k).indices.tolist())
+    report = delta.header()["report"]
+    assert report["scoring"]["preset"] == "reference"
+    assert {part: info["forms"] for part, info in report["selected"].items()} == {
+        "vision": ["multimodal"], "projector": ["multimodal"], "llm": ["text"]}
 
 
 # ---- the edit ----------------------------------------------------------------------------------------
@@ -276,16 +347,25 @@ def activations(model, mapping, rows, processor) -> dict[str, list[torch.Tensor]
 def test_selected_neurons_are_exactly_zero_on_any_input(family, data, tmp_path_factory):
     model, processor = load(zoo.tiny(family, root=tmp_path_factory.getbasetemp() / "zoo"), device="cpu")
     mapping = model_map(model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the tiny models' biases are zero; zeroing them must show
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
     forget, retain = data["forget"][:4], data["retain"][:4]
     delta = apply_plugin("manu", model, processor, forget, retain, {"alpha": 10.0}, progress=False)
     chosen = {}
     for site in mapping.sites:
-        for producer in site.producers:
-            if producer.param in delta.changes:
-                change = delta.changes[producer.param]
-                assert change.kind == "zeroed_rows" and change.axis == producer.axis
-                chosen.setdefault(site.name, set(change.index.tolist()))
-                assert chosen[site.name] == set(change.index.tolist()), "producers of one neuron disagree"
+        changed = [producer for producer in site.producers if producer.param in delta.changes]
+        if not changed:
+            continue
+        # Every producing slice (fc1 rows and bias; gate_proj and up_proj rows, and their biases) is zeroed.
+        assert changed == list(site.producers), f"{site.name}: only {[p.param for p in changed]} zeroed"
+        for producer in changed:
+            change = delta.changes[producer.param]
+            assert change.kind == "zeroed_rows" and change.axis == producer.axis
+            chosen.setdefault(site.name, set(change.index.tolist()))
+            assert chosen[site.name] == set(change.index.tolist()), "producers of one neuron disagree"
     assert {name.split(".")[0] for name in chosen} == {"vision", "projector", "llm"}
     with delta.applied(model):
         seen = activations(model, mapping, data["novel"] + forget[:2] + retain[:2], processor)
@@ -396,7 +476,7 @@ def test_precomputed_statistics_and_cli(planted, data, llava_dir, tmp_path):
 def test_options_and_selection_table():
     manu = get("manu")
     config = manu.configure({"alpha": "5", "preset": "reference", "weights": "freq=1", "positions": "last"})
-    assert config.scoring == {"weights": {"abs": 2.0, "freq": 1.0, "var": 2.0, "rms": 2.0}, "comparison": "ratio",
+    assert config.scoring == {"preset": "reference", "weights": {"abs": 2.0, "freq": 1.0, "var": 2.0, "rms": 2.0},
                               "group": "last", "rates": True}
     for bad, message in [({"alpha": 0}, "alpha must be a percentage"), ({"soft": 1.0}, "soft must be 0"),
                          ({"weights": "abs=-1"}, "abs must be a finite number"), ({"weights": "size=1"}, "terms abs"),
@@ -405,12 +485,88 @@ def test_options_and_selection_table():
         with pytest.raises(MmeditError, match=message):
             manu.configure(bad)
     assert [scoring.budget(a, 256) for a in (2, 5, 10, 0.1, 100)] == [5, 13, 26, 1, 256]
-    entry = scoring.SiteScore("llm.0", "llm", 0, torch.tensor([3.0, 1.0, 3.0, 0.5]), torch.ones(4), torch.ones(4), True)
+    entry = scoring.SiteScore("llm.0", "llm", 0, torch.tensor([3.0, 1.0, 3.0, 0.5]), ("multimodal", "text"))
     other = dataclasses.replace(entry, site="llm.1", layer=1, score=torch.tensor([3.0, 9.0]))
-    chosen = scoring.select({"llm.0": entry, "llm.1": other}, 50)  # 3 of 6; the tie at 3.0 keeps site order
-    assert {k: v.tolist() for k, v in chosen.items()} == {"llm.0": [0, 2], "llm.1": [1]}
-    summary = report.summary({"llm.0": entry, "llm.1": other}, chosen)
+    selection = scoring.select({"llm.0": entry, "llm.1": other}, 50)  # 3 of 6; the tie at 3.0 keeps site order
+    assert {k: v.tolist() for k, v in selection.chosen.items()} == {"llm.0": [0, 2], "llm.1": [1]}
+    assert selection.skipped == {}
+    summary = report.summary({"llm.0": entry, "llm.1": other}, selection)
     assert summary["selected"]["llm"]["neurons"] == 3 and summary["selected"]["llm"]["threshold"] == 3.0
     assert [layer["selected"] for layer in summary["selected"]["llm"]["layers"]] == [2, 1]
     assert math.isclose(summary["selected"]["llm"]["layers"][1]["max_score"], 9.0)
-    assert report.table(summary).row_count == 3
+    assert report.table(summary).row_count == 3 and report.table(summary).caption is None
+
+
+def rendered(table) -> str:
+    console = Console(record=True, width=200)
+    console.print(table)
+    return console.export_text()
+
+
+def test_a_pool_of_equal_scores_is_skipped_never_cut_by_index():
+    flat = scoring.SiteScore("vision.0", "vision", 0, torch.zeros(6), ("multimodal",))
+    varied = scoring.SiteScore("llm.0", "llm", 0, torch.tensor([0.5, 2.0, 1.0, 0.1]), ("text",))
+    constant_layer = scoring.SiteScore("llm.1", "llm", 1, torch.full((4,), 7.0), ("text",))
+    scores = {"vision.0": flat, "llm.0": varied, "llm.1": constant_layer}
+    # Per part: vision has only zeros -> skipped; the LLM pool (one constant layer among others) is ranked.
+    selection = scoring.select(scores, 25)
+    assert {k: v.tolist() for k, v in selection.chosen.items()} == {"llm.1": [0, 1]}
+    assert selection.skipped == {"vision": "all 6 scores equal 0"}
+    summary = report.summary(scores, selection)
+    assert summary["selected"]["vision"]["skipped"] == "all 6 scores equal 0"
+    assert summary["selected"]["vision"]["neurons"] == 0 and summary["selected"]["llm"]["skipped"] is None
+    text = rendered(report.table(summary))
+    assert "skipped, nothing selected: vision (all 6 scores equal 0)" in text
+    # Per layer: the constant LLM layer is skipped too, the varied one ranked on its own.
+    by_layer = scoring.select(scores, 25, "layer")
+    assert {k: v.tolist() for k, v in by_layer.chosen.items()} == {"llm.0": [1]}
+    assert by_layer.skipped == {"vision.0": "all 6 scores equal 0", "llm.1": "all 4 scores equal 7"}
+    layers = report.summary(scores, by_layer)["selected"]["llm"]["layers"]
+    assert [layer["skipped"] for layer in layers] == [None, "all 4 scores equal 7"]
+    assert "llm.1 (all 4 scores equal 7)" in rendered(report.table(report.summary(scores, by_layer)))
+    # Nothing can be selected anywhere: one error naming every pool.
+    with pytest.raises(MmeditError, match="nothing to select.*vision: all 6 scores equal 0; llm: all 4 scores equal 7"):
+        scoring.select({"vision.0": flat, "llm.1": constant_layer}, 25)
+
+
+def constant(stats: TraceStats, part: str) -> TraceStats:
+    """The same statistics with every neuron of `part`, in every layer, given the part's average value of
+    each field (form/group/field): no neuron of the part stands out."""
+    def mine(key):
+        return key.split("/")[0].split(".")[0] == part and not key.endswith("/n")
+
+    fields = {}
+    for key, value in stats.tensors.items():
+        if mine(key):
+            fields.setdefault(key.split("/", 1)[1], []).append(value)
+    average = {field: float(torch.cat(values).mean()) for field, values in fields.items()}
+    return TraceStats({key: torch.full_like(value, average[key.split("/", 1)[1]]) if mine(key) else value
+                       for key, value in stats.tensors.items()}, stats.meta)
+
+
+@pytest.mark.parametrize("preset", ["paper", "reference"])
+def test_parts_with_constant_statistics_are_skipped_and_reported(planted, data, preset):
+    model, processor = planted
+    mapping = model_map(model)
+    stats = traced(model, processor, data)
+    planted_stats = {role: constant(value, "vision") for role, value in stats.items()}
+    delta = apply_plugin("manu", model, processor, data["forget"], data["retain"], {"preset": preset},
+                         stats=planted_stats, progress=False)
+    chosen = selected(delta, mapping)
+    assert {name.split(".")[0] for name in chosen} == {"projector", "llm"}
+    summary = delta.header()["report"]
+    assert summary["selected"]["vision"]["skipped"].startswith("all 128 scores equal ")
+    assert summary["selected"]["vision"]["neurons"] == 0 and summary["selected"]["llm"]["skipped"] is None
+    assert "vision (all 128 scores equal" in rendered(get("manu").report_table(summary))
+    # No part has a neuron that stands out: one clear error, no edit.
+    nothing = {role: constant(constant(constant(value, "vision"), "projector"), "llm") for role, value in stats.items()}
+    with pytest.raises(MmeditError, match="manu: nothing to select, the scores of every part are all equal"):
+        apply_plugin("manu", model, processor, data["forget"], data["retain"], {"preset": preset}, stats=nothing,
+                     progress=False)
+
+
+def test_dead_sites_are_not_candidates():
+    sites = [SimpleNamespace(name=name, part=name.split(".")[0]) for name in ("vision.0", "vision.1", "llm.0")]
+    mapping = SimpleNamespace(sites=sites, expected_dead=("vision.1",))
+    assert [site.name for site in candidate_sites(mapping, ("vision", "llm"))] == ["vision.0", "llm.0"]
+    assert [site.name for site in candidate_sites(mapping, ("llm",))] == ["llm.0"]

@@ -4,10 +4,13 @@
    twin), with mmedit.trace: per neuron and per site (every layer keyed on its own) the mean |z|, the
    share of positions with |z| > tau, the variance and the mean z², at all non-pad positions or at
    the last prompt token (`positions`).
-2. Score every neuron S = I(D_forget) / (I(D_retain) + eps) with MANU's importance I (scoring.py: the
-   four terms, their weights — presets `paper` and `reference` — and how the vision encoder and the
-   projector, which never see a text-only input, are scored from the multimodal statistics alone).
+2. Score every neuron (scoring.py). Preset `paper`: S = I(D_forget) / (I(D_retain) + eps) with MANU's
+   importance I comparing the two forms (the vision encoder and the projector, which never see a
+   text-only input, from the multimodal statistics alone). Preset `reference`: the public code's
+   S = sum_k w_k (F_k / (R_k + 1e-5) - 1) on one form's statistics (LLM: text-only; vision and
+   projector: multimodal), no comparison of the forms.
 3. Select the top alpha % by S over all layers of each part (vision, projector, llm), or in each layer.
+   A part (layer) whose scores are all equal is skipped and reported, never cut by neuron index.
 4. Prune: zero the slices of the producing parameters (fc1 rows and bias, gate_proj + up_proj rows and
    biases, as the family's ModelMap names them); the selected neurons are then exactly zero on every
    input, and the delta stores only row indices and the old rows. `soft=DECAY` multiplies each
@@ -28,13 +31,13 @@ from pathlib import Path
 
 import torch
 
+from mmedit.data.batches import FORMS, make_batches
 from mmedit.errors import MmeditError
 from mmedit.plugins.base import Plugin, option, require, rows_sha256
 from mmedit.plugins.manu import report, scoring
 from mmedit.plugins.training import split_parts
 
 STATS_KEYS = ("forget", "retain")
-FORMS = ("multimodal", "text")
 
 
 @dataclass
@@ -43,8 +46,9 @@ class MANUConfig:
     within: str = option("part", "Rank neurons over all layers of a part (part) or in each layer (layer).",
                          choices=("part", "layer"))
     parts: str = option("vision,projector,llm", "Comma-separated parts to prune in; the others stay as they are.")
-    preset: str = option("paper", "Importance weights and comparison: paper (equal weights, |a-b|/(a+b)) or "
-                         "reference (abs 2, freq 0, var 2, rms 2 on |a/b - 1|, as the public code).",
+    preset: str = option("paper", "Scoring: paper (equal weights, the forms compared as |a-b|/(a+b), I(forget) / "
+                         "I(retain)) or reference (the public code: sum of w (forget/retain - 1) with abs 2, freq 0, "
+                         "var 2, rms 2, one form per part: LLM text-only, vision and projector multimodal).",
                          choices=tuple(scoring.PRESETS))
     weights: str = option("", "Override some of the preset's term weights, e.g. 'abs=1,freq=0,var=1,rms=1'.")
     positions: str = option("all", "LLM token positions the statistics cover: all (non-pad) or last (the last "
@@ -60,7 +64,7 @@ class MANUConfig:
     def __post_init__(self):
         require(0 < self.alpha <= 100 and math.isfinite(self.alpha), "alpha", "be a percentage in (0, 100]")
         split_parts(self.parts)
-        scoring.parse_weights(self.weights, scoring.PRESETS[self.preset][0])
+        scoring.parse_weights(self.weights, scoring.PRESETS[self.preset].weights)
         require(self.tau >= 0 and math.isfinite(self.tau), "tau", "be >= 0")
         require(0 <= self.soft < 1, "soft", "be 0 (zero the neurons) or a decay factor in (0, 1)")
         require(self.batch_size >= 1, "batch_size", "be at least 1")
@@ -69,9 +73,8 @@ class MANUConfig:
 
     @property
     def scoring(self) -> dict:
-        weights, comparison = scoring.PRESETS[self.preset]
-        return {"weights": scoring.parse_weights(self.weights, weights), "comparison": comparison,
-                "group": self.positions, "rates": self.rates}
+        weights = scoring.parse_weights(self.weights, scoring.PRESETS[self.preset].weights)
+        return {"preset": self.preset, "weights": weights, "group": self.positions, "rates": self.rates}
 
 
 def candidate_sites(model_map, parts) -> list:
@@ -82,7 +85,6 @@ def candidate_sites(model_map, parts) -> list:
 
 def statistics(job, role: str, rows, config, parts):
     """TraceStats of `rows` in both forms: precomputed job.stats[role], or traced now."""
-    from mmedit.data.batches import make_batches
     from mmedit.trace import TraceStats, trace
 
     def compute():
@@ -165,9 +167,9 @@ class MANU(Plugin):
         settings = config.scoring
         scores = scoring.site_scores(found["forget"], found["retain"], sites, image_only=job.model_map.image_only,
                                      **settings)
-        chosen = scoring.select(scores, config.alpha, config.within)
-        prune(job.model, job.model_map, chosen, config.soft)
-        summary = report.summary(scores, chosen) | {
+        selection = scoring.select(scores, config.alpha, config.within)
+        prune(job.model, job.model_map, selection.chosen, config.soft)
+        summary = report.summary(scores, selection) | {
             "scoring": settings, "statistics": {role: job.sources[role] for role in STATS_KEYS}}
         if config.plot:
             report.plot(summary, config.plot)
