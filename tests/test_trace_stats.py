@@ -127,7 +127,8 @@ def test_old_format_is_one_clear_error(tmp_path):
 
 
 def test_save_load_round_trip(tmp_path):
-    stats = _stream([torch.randn(1, 4, 3)], [torch.ones(1, 4, dtype=torch.bool)])
+    masks = [torch.ones(1, 4, dtype=torch.bool)] * 2
+    stats = _stream([torch.randn(1, 4, 3), torch.randn(1, 4, 3)], masks, [torch.randn(1, 4, 3), None])
     path = stats.save(tmp_path / "s.safetensors")
     loaded = TraceStats.load(path)
     assert loaded.meta == stats.meta
