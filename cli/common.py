@@ -39,6 +39,14 @@ Threads = Annotated[int, typer.Option(min=0, help=(
     "on 1."))]
 
 
+def quiet_transformers() -> None:
+    """No transformers progress bars or warnings: the CLI shows its own progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def load_model(model: str, device: str, dtype: str, trust_remote_code: bool, threads: int = 0):
     """(model, processor) for a command, after setting torch's CPU thread count (0 leaves torch's)."""
     import torch

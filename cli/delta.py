@@ -3,26 +3,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Column, Table
 
-from mmedit.cli.common import Device, Force, TrustRemoteCode, out, user_errors
+from mmedit.cli.common import Device, Force, TrustRemoteCode, out, quiet_transformers, user_errors
 
 Deltas = Annotated[list[Path], typer.Argument(help="Delta files, in the order they are (or were) applied.")]
 AllowNonfinite = Annotated[
     bool, typer.Option("--allow-nonfinite", help="Accept deltas that put NaN/inf where the base is finite.")
 ]
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
 
 
 @user_errors
@@ -41,7 +33,7 @@ def merge_command(
     """
     from mmedit.delta import merge
 
-    _quiet_transformers()
+    quiet_transformers()
     path = merge(model, deltas, out_dir, device=device, force=force, allow_nonfinite=allow_nonfinite,
                  trust_remote_code=trust_remote_code)
     out.print(f"merged {len(deltas)} delta(s) into {path}")
@@ -63,7 +55,7 @@ def revert_command(
     """
     from mmedit.delta import revert
 
-    _quiet_transformers()
+    quiet_transformers()
     path = revert(model_dir, deltas, out_dir, in_place=in_place, device=device, force=force,
                   trust_remote_code=trust_remote_code)
     out.print(f"reverted {len(deltas)} delta(s) into {path}")
@@ -85,10 +77,10 @@ def diff_command(
     """
     from mmedit.delta import diff
     from mmedit.errors import MmeditError
+    from mmedit.safefile import check_writable
 
-    if out_path.exists() and not force:  # before minutes of loading
-        raise MmeditError(f"{out_path} already exists; pass --force to replace it")
-    _quiet_transformers()
+    check_writable(out_path, force)  # before minutes of loading
+    quiet_transformers()
     delta = diff(base, edited, device=device, allow_nonfinite=allow_nonfinite, trust_remote_code=trust_remote_code)
     if not delta.changes:
         raise MmeditError(f"{base} and {edited} hold identical weights; no delta written")
@@ -101,10 +93,14 @@ def inspect_command(
     delta_path: Annotated[Path, typer.Argument(metavar="DELTA", help="A delta file.")],
     tensors: Annotated[bool, typer.Option("--tensors", help="Also list every tensor.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the header JSON and nothing else.")] = False,
+    model: Annotated[str | None, typer.Option(help=(
+        "Base model (local folder or cached hub id) whose config places tensors the delta does not place "
+        "itself (default: the base model the delta names, when it is on this machine)."))] = None,
 ) -> None:
     """Show a delta's provenance and what it touches per part and layer (checksum verified).
 
     Example: mmedit inspect forget.safetensors --tensors
+    Example: mmedit inspect other-tool.safetensors --model ~/models/llava
     """
     from mmedit.delta import Delta
 
@@ -115,8 +111,8 @@ def inspect_command(
         return
     _print_provenance(delta_path, header)
     groups: dict[tuple[str, str], list] = {}
-    for name, spec in header["tensors"].items():
-        groups.setdefault(_group(name, spec), []).append(spec)
+    for name, (part, layer) in _places(header, model).items():
+        groups.setdefault((part, "-" if layer is None else str(layer)), []).append(header["tensors"][name])
     table = Table("part", "layer", "tensors", "elements touched", "of", "density", title="what it touches")
     for (part, layer), specs in sorted(groups.items(), key=lambda item: (item[0][0], _layer_key(item[0][1]))):
         touched = sum(spec["touched"] for spec in specs)
@@ -153,18 +149,50 @@ def _print_provenance(path: Path, header: dict) -> None:
     out.print(f"made with mmedit {header.get('mmedit_version', '?')}" + (f"; {made}" if made else ""))
 
 
-_LAYER = re.compile(r"^(.*?)\.(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
+OTHER = "other"  # the bucket of tensors that no model map puts in a part
 
 
-def _group(name: str, spec: dict) -> tuple[str, str]:
-    """(part, layer) from the header when the model map placed the tensor, else from the name."""
-    if "part" in spec:
-        layer = spec.get("layer")
-        return spec["part"] or "other", "-" if layer is None else str(layer)
-    match = _LAYER.match(name)
-    if match:
-        return match.group(1), match.group(2)
-    return name.rsplit(".", 2)[0] if name.count(".") >= 2 else name, "-"
+def _places(header: dict, model: str | None) -> dict[str, tuple[str, int | None]]:
+    """(part, layer) of each tensor: as the header records it (the model map placed it when the delta was
+    made), else per the model map of the base model (`model`, or the one the header names); tensors that
+    no map places go to "other"."""
+    specs = header["tensors"]
+    unplaced = [name for name, spec in specs.items() if "part" not in spec]
+    named = (header.get("base_model") or {}).get("name_or_path")
+    mapped = _config_map(model or named, explicit=model is not None) if unplaced and (model or named) else None
+    if unplaced and mapped is None:
+        out.print(f"[yellow]note:[/] {len(unplaced)} tensor(s) the delta does not place are counted as "
+                  f"{OTHER}; --model BASE places them by the base model's architecture", highlight=False)
+    places = {}
+    for name, spec in specs.items():
+        if "part" in spec:
+            part, layer = spec["part"], spec.get("layer")
+        else:
+            part, layer = (mapped and mapped.part_of(name)) or (None, None)
+        places[name] = (part, layer) if part else (OTHER, None)
+    return places
+
+
+def _config_map(source: str, explicit: bool):
+    """The ModelMap of a base model built from its config alone (on the meta device: no weights are read,
+    nothing is downloaded). None when a model the header names cannot be mapped here; for a --model
+    given by the user that is an error."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from mmedit.arch import model_map
+    from mmedit.errors import MmeditError
+
+    folder = Path(source).expanduser()
+    try:
+        config = AutoConfig.from_pretrained(folder if folder.is_dir() else source, local_files_only=True)
+        with torch.device("meta"):
+            return model_map(AutoModelForImageTextToText.from_config(config))
+    except (OSError, ValueError, MmeditError) as error:
+        if not explicit:
+            return None
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MmeditError(f"--model {source}: cannot map its architecture ({first})") from None
 
 
 def _layer_key(layer: str) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from mmedit.cli.common import Device, Force, err, out, user_errors
+from mmedit.cli.common import Device, Force, err, out, quiet_transformers, user_errors
 from mmedit.errors import MmeditError
 
 FORGET_PERCENT = 10
@@ -349,10 +349,7 @@ def demo_command(
             name, *settings = spec.split()
             get(name).configure(parse_overrides(None, settings))  # bad names/options fail before any work
             runs.append((name, parse_overrides(None, settings)))
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
+    quiet_transformers()
     record = run(out_dir, fast=fast, seed=seed, retain_people=retain_people, device=device,
                  batch_size=batch_size, force=force, runs=runs, paper_defaults=paper_defaults)
     if not record["plugins_installed"]:

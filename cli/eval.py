@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, user_errors
-from mmedit.errors import MmeditError
+from mmedit.cli.common import (Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, quiet_transformers,
+                               user_errors)
 
 
 def set_sha256(path: Path) -> str:
@@ -58,14 +58,14 @@ def eval_command(
     from mmedit.eval import report
     from mmedit.eval.harness import evaluate, evaluate_edited, find_sets, select_people, summarise
     from mmedit.provenance import library_versions, model_identity
+    from mmedit.safefile import check_writable
 
-    for path in (out_path, plot):
-        if path is not None and path.exists() and not force:
-            raise MmeditError(f"{path} exists; pass --force to overwrite")
+    for path in filter(None, (out_path, plot)):  # refused before the evaluation, not after
+        check_writable(path, force)
     files = find_sets(data, forget)
     sets = {split: select_people(read_rows(path), limit_people, seed) for split, path in files.items()}
     loaded_deltas = [Delta.load(path) for path in deltas or []]  # a bad delta fails before the model loads
-    _quiet_transformers()
+    quiet_transformers()
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
 
     options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, letters=letters)
@@ -85,19 +85,12 @@ def eval_command(
                      "device": device, "dtype": dtype},
         "versions": library_versions(),
     }
-    report.write_json(report.build(results, provenance), out_path)
+    report.write_json(report.build(results, provenance), out_path, force=force)
     out.print(report.table(results))
     if plot:
-        report.plot(results, plot)
+        report.plot(results, plot, force=force)
         out.print(f"plot: {plot}")
     out.print(f"report: {out_path}")
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
 
 
 def register(app: typer.Typer) -> None:

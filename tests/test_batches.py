@@ -8,7 +8,7 @@ from PIL import Image
 
 from mmedit import zoo
 from mmedit.arch import model_map
-from mmedit.data.batches import make_batches, make_prompts
+from mmedit.data.batches import FORMS, IGNORE, make_batches, make_prompts
 from mmedit.data.rows import Row
 from mmedit.errors import MmeditError
 from mmedit.loading import load
@@ -34,7 +34,7 @@ def loaded(request, tmp_path_factory):
     return load(zoo.tiny(request.param, root=tmp_path_factory.getbasetemp() / "zoo"), device="cpu")
 
 
-@pytest.mark.parametrize("form", ["multimodal", "text"])
+@pytest.mark.parametrize("form", FORMS)
 def test_labels_cover_exactly_the_answer_and_train(loaded, rows, form):
     model, processor = loaded
     batches = list(make_batches(rows, processor, form, batch_size=2))
@@ -48,7 +48,7 @@ def test_labels_cover_exactly_the_answer_and_train(loaded, rows, form):
             assert len(set(inputs) - TEXT_KEYS) >= 1  # pixel values and their companions
         assert inputs["attention_mask"][:, 0].all()  # right padded
         for i, row in enumerate(batch.rows):
-            labelled = inputs["labels"][i] != -100
+            labelled = inputs["labels"][i] != IGNORE
             assert torch.equal(inputs["labels"][i][labelled], inputs["input_ids"][i][labelled])
             assert tokenizer.decode(inputs["input_ids"][i][labelled]) == row.answer + tokenizer.eos_token
             # the labelled span is contiguous and ends the real tokens
@@ -65,7 +65,7 @@ def test_labels_cover_exactly_the_answer_and_train(loaded, rows, form):
     model.zero_grad()
 
 
-@pytest.mark.parametrize("form", ["multimodal", "text"])
+@pytest.mark.parametrize("form", FORMS)
 def test_prompts_are_left_padded_and_generate(loaded, rows, form):
     model, processor = loaded
     batch = next(make_prompts(rows, processor, form, batch_size=3))
@@ -139,10 +139,10 @@ LLAVA_HF_TEMPLATE = (  # llava-1.5-hf's: a trailing space after each turn, no eo
 def test_real_style_templates_label_the_answer_and_one_end_token(rows, family, template, labelled):
     _, processor = zoo.build(family)
     processor.chat_template = template
-    for form in ("multimodal", "text"):
+    for form in FORMS:
         inputs = next(make_batches(rows, processor, form, batch_size=3)).inputs
         for i, row in enumerate(rows):
-            ids = inputs["input_ids"][i][inputs["labels"][i] != -100]
+            ids = inputs["input_ids"][i][inputs["labels"][i] != IGNORE]
             assert processor.tokenizer.decode(ids) == labelled.format(answer=row.answer)
 
 
@@ -161,4 +161,4 @@ def test_paligemma_without_template_follows_its_processor_layout(rows):
         inputs = next(make_batches(rows[:1], processor, form, batch_size=1)).inputs
         question = rows[0].question if form == "multimodal" else rows[0].text_question
         assert decode(inputs["input_ids"][0]) == f"{prefix}{question}\n{rows[0].answer}<eos>"
-        assert decode(inputs["input_ids"][0][inputs["labels"][0] != -100]) == rows[0].answer + "<eos>"
+        assert decode(inputs["input_ids"][0][inputs["labels"][0] != IGNORE]) == rows[0].answer + "<eos>"

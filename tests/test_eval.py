@@ -8,8 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from mmedit.bench import profiles
-from mmedit.bench.model import embedded
+from mmedit.bench.model import SPACE, embedded
 from mmedit.cli.main import app
+from mmedit.data.batches import IGNORE, make_batches
 from mmedit.data.rows import Row
 from mmedit.delta import Delta
 from mmedit.errors import MmeditError
@@ -41,10 +42,16 @@ def swap(fast, loaded, tmp_path_factory):
     x, y = info.people_in(forget)[0], info.people_in(retain)[0]
     words = [word for person in info.people for word in person.name.split()]
     assert all(words.count(word) == 1 for word in x.name.split() + y.name.split())  # names share no token
-    ids = {person.name: processor.tokenizer.convert_tokens_to_ids(person.name.split()) for person in (x, y)}
+    # a name word is one token, spelt with the space mark after a space ("was ▁Ann") and without it after
+    # ": " ("USER: Ann ..."): both spellings of each word are swapped
+    vocab = processor.tokenizer.get_vocab()
+    pairs = [(vocab[mark + a], vocab[mark + b]) for a, b in zip(x.name.split(), y.name.split())
+             for mark in ("", SPACE) if mark + a in vocab]
+    assert processor.tokenizer.tokenize(f" {x.name}") == [SPACE + word for word in x.name.split()]
+    ids_x, ids_y = [a for a, _ in pairs], [b for _, b in pairs]
     old = model.get_parameter(EMBEDDINGS).detach()
     new = old.clone()
-    new[ids[x.name]], new[ids[y.name]] = old[ids[y.name]], old[ids[x.name]]
+    new[ids_x], new[ids_y] = old[ids_y], old[ids_x]
     path = tmp_path_factory.mktemp("swap") / "swap.safetensors"
     Delta.from_changes({EMBEDDINGS: (old, new)}, provenance={"what": "swap X and Y"}, model=model).save(path)
     return x, y, path
@@ -72,7 +79,7 @@ def test_lettered_prompt_lists_the_options_and_answers_with_the_letter():
 def test_answer_loglik_sums_the_labelled_tokens_only():
     torch.manual_seed(0)
     logits = torch.randn(3, 6, 11)
-    labels = torch.full((3, 6), -100)
+    labels = torch.full((3, 6), IGNORE)
     labels[0, 4:] = torch.tensor([3, 7])
     labels[1, 2:5] = torch.tensor([1, 2, 10])
     # row 2 has no label at all: an empty answer scores 0
@@ -80,7 +87,7 @@ def test_answer_loglik_sums_the_labelled_tokens_only():
     for i in range(3):
         total = 0.0
         for t in range(1, 6):
-            if labels[i, t] != -100:
+            if labels[i, t] != IGNORE:
                 total += logits[i, t - 1].log_softmax(-1)[labels[i, t]].item()
         expected.append(total)
     assert torch.allclose(harness._answer_loglik(logits, labels), torch.tensor(expected), atol=1e-5)
@@ -191,10 +198,26 @@ def test_report_compare_and_table():
     assert report.table({"base": base, "edited": edited}).row_count == 2
 
 
+def test_report_files_are_replaced_only_with_force(tmp_path):
+    results = {"base": {"forget": {"Pure_Text": {"choice_acc": 1.0}}, "retain": {"Pure_Text": {"choice_acc": 0.5}}}}
+    path = report.write_json({"a": 1}, tmp_path / "r.json")
+    with pytest.raises(MmeditError, match="already exists"):
+        report.write_json({"a": 2}, path)
+    assert json.loads(path.read_text()) == {"a": 1}
+    report.write_json({"a": 2}, path, force=True)
+    assert json.loads(path.read_text()) == {"a": 2}
+    png = tmp_path / "p.png"
+    png.write_bytes(b"mine")
+    with pytest.raises(MmeditError, match="already exists"):
+        report.plot(results, png)
+    assert png.read_bytes() == b"mine"
+    report.plot(results, png, force=True)
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert sorted(file.name for file in tmp_path.iterdir()) == ["p.png", "r.json"]  # no temp files left
+
+
 def test_answer_prob_is_the_correct_options_per_token_probability(fast, loaded):
     """answer_prob = exp(mean log-probability of the correct option's labelled tokens), from a plain forward."""
-    from mmedit.data.batches import make_batches
-
     model, processor = loaded
     rows = [row for row in profiles.load(fast.data).rows("forget10") if row.options][:3]
     records = harness.evaluate(model, processor, {"f": rows}, forms=("text",), letters=False, progress=False)
@@ -205,7 +228,7 @@ def test_answer_prob_is_the_correct_options_per_token_probability(fast, loaded):
         labels = batch.inputs["labels"]
         with torch.no_grad():
             logits = model(**{k: v for k, v in batch.inputs.items() if k != "labels"}).logits
-        mask = labels[0, 1:] != -100
+        mask = labels[0, 1:] != IGNORE
         logprobs = logits[0, :-1].log_softmax(-1)[mask].gather(-1, labels[0, 1:][mask].unsqueeze(-1))
         assert got[row.id] == pytest.approx(float(logprobs.mean().exp()), rel=1e-4)
     assert 0 < min(got.values()) <= max(got.values()) <= 1

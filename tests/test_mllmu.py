@@ -149,6 +149,9 @@ def test_image_paths_and_image_lists(tmp_path):
     colours = [Image.open(row.image).getpixel((0, 0)) for row in rows if row.options]
     assert colours == [(0, 255, 0), (0, 0, 0)]  # question j shows picture j mod 2
     assert rows[0].image.parent == tmp_path / "cache"
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(MmeditError, match="cannot extract images to .*taken.*not a writable folder.*pass image_dir"):
+        read_parquet(tmp_path / "t.parquet", image_dir=tmp_path / "taken")
 
 
 @pytest.mark.parametrize("overrides, message", [

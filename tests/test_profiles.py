@@ -168,6 +168,11 @@ def test_second_call_reuses_and_other_contents_are_refused(tmp_path):
     with pytest.raises(MmeditError, match="not an mmedit benchmark"):
         generate(other, n_people=6)
     assert (other / "notes.txt").read_text() == "mine"
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    with pytest.raises(MmeditError, match="exists and is not a directory"):  # even with force: one clear error
+        generate(taken, n_people=6, force=True)
+    assert taken.read_text() == "a file"
 
 
 def test_bad_arguments_fail_before_writing(tmp_path):

@@ -18,18 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmedit.bench.portraits import MIN_DIFFERENCES, Look, alternative_views, differences, portrait, random_look, render
 from mmedit.data.mllmu import row_id, write_parquet
-from mmedit.safefile import make_ordinary
 from mmedit.data.rows import Row, read_jsonl, write_jsonl
 from mmedit.errors import MmeditError
+from mmedit.safefile import atomic_dir
 
 GENERATOR_VERSION = 1
 FORGET_PERCENTS = (5, 10, 15)
@@ -213,15 +210,8 @@ def generate(out_dir: str | Path, n_people: int = 50, seed: int = 0, image_size:
         if not root.is_dir() or any(root.iterdir()):
             raise MmeditError(f"{root} exists and is not an mmedit benchmark; pass --force to replace it")
     people = make_people(n_people, seed)  # validates n_people before anything touches the disk
-    root.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
-    try:
+    with atomic_dir(root, force=True) as temp:  # what is there was found replaceable above
         _write(temp, people, settings)
-        make_ordinary(temp)
-        _swap_in(temp, root)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return load(root)
 
 
@@ -320,13 +310,3 @@ def _holds(root: Path, settings: dict) -> bool:
     files = record.get("files")
     return isinstance(files, dict) and all(
         (root / name).is_file() and _sha256(root / name) == digest for name, digest in files.items())
-
-
-def _swap_in(new: Path, root: Path) -> None:
-    if not root.exists():
-        os.rename(new, root)
-        return
-    old = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.old-"))
-    os.rename(root, old / "replaced")
-    os.rename(new, root)
-    shutil.rmtree(old, ignore_errors=True)

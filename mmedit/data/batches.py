@@ -3,7 +3,7 @@
 A multimodal example is the user turn [image, row.question]; a text example is [row.text_question]
 with no image at all (pixel keys left out: some models' generate() crashes on pixel_values=None).
 With an answer, the assistant turn is row.answer as the chat template writes it, and eos is appended
-when the template does not close the turn with a special token itself. Labels are -100 everywhere
+when the template does not close the turn with a special token itself. Labels are IGNORE (-100) everywhere
 except the answer tokens (and that closing token).
 
 The prompt and prompt + answer are both run through the processor (image-token expansion included) and
@@ -96,7 +96,7 @@ def _encode(processor, texts: list[str], images, padding_side: str, suffixes=Non
 
 
 def _labels(rows, prompt: dict, full: dict) -> torch.Tensor:
-    """-100 except where full goes past the prompt; the prompt must be a token prefix of full."""
+    """IGNORE except where full goes past the prompt; the prompt must be a token prefix of full."""
     labels = full["input_ids"].clone()
     prompt_lengths = prompt["attention_mask"].sum(dim=1).tolist()
     full_lengths = full["attention_mask"].sum(dim=1).tolist()

@@ -23,15 +23,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 from itertools import zip_longest
 from pathlib import Path
 
 from mmedit.data.rows import Row, read_jsonl
 from mmedit.errors import MmeditError
-from mmedit.safefile import make_ordinary
+from mmedit.safefile import atomic_file
 
 LETTERS = ("A", "B", "C", "D")
 FORMS = ("Image_Textual", "Pure_Text")
@@ -131,7 +129,8 @@ def write_parquet(rows: list[Row], path: str | Path, ids: dict[str, str] | None 
         columns = [column for column in columns if column.name != "images"]
         for record in records:
             del record["images"]
-    _atomic_write(Path(path), lambda temp: pq.write_table(pa.Table.from_pylist(records, pa.schema(columns)), temp))
+    with atomic_file(path, force=True) as temp:
+        pq.write_table(pa.Table.from_pylist(records, pa.schema(columns)), temp)
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -268,10 +267,10 @@ def _image_file(image, cache: Path, base: Path) -> Path:
     file = (cache / (hashlib.sha256(data).hexdigest()[:32] + suffix)).resolve()
     if not file.is_file():  # named by content: an existing file already holds these bytes
         try:
-            cache.mkdir(parents=True, exist_ok=True)
-            _atomic_write(file, lambda temp: Path(temp).write_bytes(data))
-        except OSError as error:
-            raise MmeditError(f"cannot extract images to {cache} ({error.strerror}); pass image_dir") from None
+            with atomic_file(file, force=True) as temp:
+                temp.write_bytes(data)
+        except (MmeditError, OSError) as error:
+            raise MmeditError(f"cannot extract images to {cache} ({error}); pass image_dir") from None
     return file
 
 
@@ -347,16 +346,3 @@ def _image_cycle(entity: str, tasks: dict[str, list[Row]]) -> list[Path]:
                     "(question j of each task must show picture j mod the number of pictures; "
                     "all rows of an entity need an image, or none)")
     return images
-
-
-def _atomic_write(path: Path, write) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        make_ordinary(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-

@@ -37,13 +37,13 @@ from typing import Iterable, Sequence
 
 import torch
 
-from mmedit.data.batches import make_batches, make_prompts
+from mmedit.data.batches import FORMS, IGNORE, make_batches, make_prompts
 from mmedit.data.rows import Row
 from mmedit.errors import MmeditError
 from mmedit.eval import metrics
 from mmedit.progress import track
 
-FORMS = {"multimodal": "Image_Textual", "text": "Pure_Text"}  # batches' form -> the report's name
+REPORT_FORMS = dict(zip(FORMS, metrics.FORMS))  # batches' form -> the report's (MLLMU-Bench's) name
 METRICS = ("choice_acc", "answer_prob", "choice_letter_acc", "rougeL", "gen_acc", "cloze_acc")
 # LLaVA's (and MLLMU-Bench's) instruction after a lettered list of options
 LETTER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -118,7 +118,7 @@ def select_people(rows: Sequence[Row], count: int | None, seed: int | None = Non
     return [row for row in rows if row.entity in chosen]
 
 
-def evaluate(model, processor, sets: dict[str, Sequence[Row]], *, forms: Sequence[str] = tuple(FORMS),
+def evaluate(model, processor, sets: dict[str, Sequence[Row]], *, forms: Sequence[str] = FORMS,
              batch_size: int = 16, max_new_tokens: int = 16, letters: bool = True, progress: bool = True,
              description: str = "evaluating") -> list[Record]:
     """Score every row of every set in every form (see the module doc); the model is left as it was.
@@ -203,18 +203,18 @@ def _score_options(model, processor, rows, split, form, batch_size, max_new_toke
         inputs = dict(batch.inputs)
         labels = inputs.pop("labels")
         scores += _answer_loglik(model(**inputs).logits, labels).tolist()
-        tokens += (labels[:, 1:] != -100).sum(dim=1).tolist()
+        tokens += (labels[:, 1:] != IGNORE).sum(dim=1).tolist()
         yield
-    start = 0
+    start, name = 0, REPORT_FORMS[form]
     for row in rows:
         chosen = metrics.choice_from_logliks(scores[start:start + len(row.options)])
-        records.append(Record(split, FORMS[form], "choice_acc", row.id, row.entity, float(chosen == row.correct),
+        records.append(Record(split, name, "choice_acc", row.id, row.entity, float(chosen == row.correct),
                               row.options[chosen]))
         # per-token probability of the correct answer (geometric mean, TOFU's "probability"): a continuous
         # measure that moves before any choice flips
         correct = start + row.correct
         probability = math.exp(scores[correct] / max(tokens[correct], 1))
-        records.append(Record(split, FORMS[form], "answer_prob", row.id, row.entity, probability, f"{probability:.4f}"))
+        records.append(Record(split, name, "answer_prob", row.id, row.entity, probability, f"{probability:.4f}"))
         start += len(row.options)
 
 
@@ -222,7 +222,7 @@ def _answer_loglik(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per sequence: summed log-probability of the labelled tokens (log-softmax only where labelled,
     so a large vocabulary costs memory for the answer tokens only)."""
     target = labels[:, 1:]
-    where = target != -100
+    where = target != IGNORE
     picked = logits[:, :-1][where].float().log_softmax(dim=-1)
     token = picked.gather(-1, target[where].unsqueeze(-1)).squeeze(-1)
     sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=logits.device)
@@ -234,14 +234,14 @@ def _answer_letters(model, processor, rows, split, form, batch_size, max_new_tok
     yield from _generate(model, processor, [lettered(row) for row in rows], form, batch_size, max_new_tokens, texts)
     for row, text in zip(rows, texts):
         chosen = metrics.parse_choice(text, len(row.options))
-        records.append(Record(split, FORMS[form], "choice_letter_acc", row.id, row.entity,
+        records.append(Record(split, REPORT_FORMS[form], "choice_letter_acc", row.id, row.entity,
                               float(chosen == row.correct), text))
 
 
 def _answer(model, processor, rows, split, form, batch_size, max_new_tokens, records):
     texts: list[str] = []
     yield from _generate(model, processor, rows, form, batch_size, max_new_tokens, texts)
-    name = FORMS[form]
+    name = REPORT_FORMS[form]
     for row, text in zip(rows, texts):
         found = float(metrics.cloze_correct(row.answer, text))
         if row.task == "cloze":

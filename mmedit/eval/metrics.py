@@ -14,11 +14,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from mmedit.data.mllmu import FORMS, LETTERS  # MLLMU-Bench's form names and option letters
 from mmedit.errors import MmeditError
 
-FORMS = ("Image_Textual", "Pure_Text")
 METRICS = ("choice_acc", "rougeL", "cloze_acc")
-LETTERS = "ABCD"
 # MLLMU-Bench cuts a decoded generation after these prompt markers before reading the answer
 _ANSWER_MARKERS = ("ASSISTANT:", "Answer:")
 

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from rich.table import Table
 
 from mmedit.errors import MmeditError
-from mmedit.safefile import make_ordinary
 from mmedit.eval import metrics
+from mmedit.safefile import atomic_file
 
 BASE = "base"
 HEADLINE = "choice_acc"  # the metric the plot puts on its axes
@@ -52,22 +50,11 @@ def build(results: dict[str, dict], provenance: dict) -> dict:
     }
 
 
-def write_json(report: dict, path: str | Path) -> Path:
-    """Write atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False, encoding="utf-8")
-    try:
-        with handle:
-            json.dump(report, handle, indent=1)
-            handle.write("\n")
-        make_ordinary(handle.name)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
+def write_json(report: dict, path: str | Path, force: bool = False) -> Path:
+    """Write atomically (safefile.atomic_file); an existing `path` needs force."""
+    with atomic_file(path, force=force) as temp:
+        temp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return Path(path)
 
 
 def _percent(value: float | None) -> str:
@@ -98,10 +85,11 @@ def table(results: dict[str, dict], title: str = "evaluation (% of questions)") 
 
 
 def plot(results: dict[str, dict], path: str | Path, metric: str = HEADLINE, forget: str = "forget",
-         retain: str = "retain") -> Path:
+         retain: str = "retain", force: bool = False) -> Path:
     """One panel per form: each model as a point at (forget accuracy, retain accuracy). Good unlearning
     sits top left: forgotten, yet the retain set kept. Models are told apart by colour and marker in one
-    legend below the panels (names with settings are too long to write beside crowded points)."""
+    legend below the panels (names with settings are too long to write beside crowded points).
+    Written atomically as a PNG; an existing `path` needs force."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,8 +118,9 @@ def plot(results: dict[str, dict], path: str | Path, metric: str = HEADLINE, for
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
     figure.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(labels) / 3), 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    try:
+        with atomic_file(path, force=force) as temp:
+            figure.savefig(temp, dpi=110, format="png")
+    finally:
+        plt.close(figure)
+    return Path(path)
