@@ -1,13 +1,16 @@
-"""Load a multimodal model and its processor from a local directory (offline) or a hub id."""
+"""Load a model from a local directory (offline) or a hub id: a multimodal model of a supported family
+with its processor (`load`), or any HF checkpoint as the class its config names (`load_model`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from mmedit.errors import MmeditError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LOAD_ERRORS = (OSError, ImportError, ValueError, SafetensorError)  # bad files, or a missing library
 
 
 def resolve_device(device: str) -> torch.device:
@@ -65,18 +68,12 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def load(name_or_path: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
-    """(model, processor) in eval mode. A local directory never touches the network."""
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForImageTextToText
+def _config(name_or_path: str | Path, trust_remote_code: bool):
+    """(source, from_pretrained options, config). A local directory never touches the network."""
+    from transformers import AutoConfig
 
-    from mmedit.arch.registry import family
-
-    target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype)
     path = Path(name_or_path).expanduser()
-    local = path.exists()
-    if local:
+    if path.exists():
         if not (path / "config.json").is_file():
             raise MmeditError(f"not a model directory (no config.json): {path}")
         source = str(path)
@@ -84,22 +81,59 @@ def load(name_or_path: str | Path, device: str = "auto", dtype: str = "auto", tr
         raise MmeditError(f"model path not found: {path}")
     else:
         source = str(name_or_path)
-    options = dict(local_files_only=local, trust_remote_code=trust_remote_code)
+    options = dict(local_files_only=path.exists(), trust_remote_code=trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(source, **options)
+        return source, options, AutoConfig.from_pretrained(source, **options)
     except (OSError, ValueError) as error:
-        raise MmeditError(f"cannot read the model config of {source}: {_first_line(error)}") from None
+        raise MmeditError(f"cannot read the model config of {source}: {first_line(error)}") from None
+
+
+def load(name_or_path: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+    """(model, processor) of a supported multimodal family, in eval mode."""
+    from transformers import AutoModelForImageTextToText
+
+    from mmedit.arch.registry import family
+
+    target, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    source, options, config = _config(name_or_path, trust_remote_code)
     family(getattr(config, "model_type", None))  # unsupported families fail here, before any weights load
     try:
         model = AutoModelForImageTextToText.from_pretrained(source, config=config, dtype=torch_dtype, **options)
         processor = _processor(source, config, options)
-    except (OSError, ImportError, ValueError, SafetensorError) as error:  # bad files, or a missing library
-        raise MmeditError(f"cannot load {source}: {_first_line(error)}") from None
-    model.to(target)
-    model.eval()
-    return model, processor
+    except _LOAD_ERRORS as error:
+        raise MmeditError(f"cannot load {source}: {first_line(error)}") from None
+    return model.to(target).eval(), processor
 
 
-def _first_line(error: Exception) -> str:
+def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: str = "auto",
+               trust_remote_code: bool = False) -> torch.nn.Module:
+    """Any HF checkpoint as the class its config names (config.architectures), in eval mode, refusing one
+    that lacks weights transformers would initialise at random (they must never reach a merged checkpoint)."""
+    import transformers
+
+    target, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    source, options, config = _config(name_or_path, trust_remote_code)
+    name = (config.architectures or [""])[0]
+    model_class = getattr(transformers, name, None)
+    if model_class is None and trust_remote_code:  # the Auto class whose auto_map entry names this class
+        auto_map = getattr(config, "auto_map", None) or {}
+        auto = next((key for key, ref in auto_map.items() if isinstance(ref, str) and ref.endswith(f".{name}")), None)
+        model_class = getattr(transformers, auto, None) if auto else None
+    if model_class is None:
+        raise MmeditError(f"{source}: architecture {name or '(none)'} is not in transformers "
+                          f"{transformers.__version__} (pass --trust-remote-code if the checkpoint ships its code)")
+    try:
+        model, info = model_class.from_pretrained(source, config=config, dtype=torch_dtype, output_loading_info=True,
+                                                  **options)
+    except _LOAD_ERRORS as error:
+        raise MmeditError(f"cannot load {source}: {first_line(error)}") from None
+    missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
+    if missing:
+        raise MmeditError(f"{source}: checkpoint lacks or mis-shapes weight {missing[0]} ({len(missing)} in all)")
+    return model.to(target).eval()
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message, cut to its first line (MmeditError messages are one line)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -5,7 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import mmedit
 from mmedit.delta import Change, Delta, base_name
-from mmedit.delta.core import _adds_nonfinite, _bits
+from mmedit.delta.change import adds_nonfinite, bits
 from mmedit.errors import MmeditError
 
 
@@ -21,7 +21,7 @@ def snapshot(model):
 
 
 def same(first, second):
-    return first.keys() == second.keys() and all(torch.equal(_bits(first[k]), _bits(second[k])) for k in first)
+    return first.keys() == second.keys() and all(torch.equal(bits(first[k]), bits(second[k])) for k in first)
 
 
 def edit(model, seed=1):
@@ -122,6 +122,37 @@ def test_failure_while_writing_rolls_back(models, monkeypatch):
     assert same(snapshot(model), before)
 
 
+def test_reverting_a_covered_delta_out_of_order_is_refused():
+    """Issue 17 #15: B changes row 1 of w except the element A changed, and stores the whole row, so its
+    values cover A's element unchanged. Values alone let A be reverted first, after which B no longer fits;
+    the model's record of what was applied to it refuses that."""
+    model = torch.nn.Module()
+    model.register_parameter("w", torch.nn.Parameter(torch.arange(16.0).reshape(4, 4), requires_grad=False))
+    base = model.w.detach().clone()
+    after_a = base.clone()
+    after_a[1, 0] = -1
+    after_b = after_a.clone()
+    after_b[1, 1:] = -2
+    a = Delta.from_changes({"w": (base, after_a)}, provenance={"plugin": "a"})
+    b = Delta.from_changes({"w": (after_a, after_b)}, provenance={"plugin": "b"})
+    assert b.changes["w"].kind == "rows" and b.changes["w"].old[0, 0] == b.changes["w"].new[0, 0] == -1
+    a.apply(model)
+    b.apply(model)
+    with pytest.raises(MmeditError, match=r"cannot revert delta \(in memory\): the last delta applied .* must be "
+                                          "reverted first; nothing was changed"):
+        a.revert(model)
+    assert torch.equal(model.w, after_b)
+    b.revert(model)
+    assert torch.equal(model.w, after_a)
+    a.revert(model)
+    assert torch.equal(bits(model.w), bits(base))
+    with b.applied(a.apply(model)):  # the record follows the context manager and survives a refusal
+        with pytest.raises(MmeditError, match="must be reverted first"):
+            a.revert(model)
+    a.revert(model)
+    assert torch.equal(bits(model.w), bits(base))
+
+
 def test_nonfinite_new_values_need_permission():
     model = tiny_llama()
     weight = model.model.norm.weight.detach()
@@ -143,12 +174,12 @@ def test_nonfinite_new_values_need_permission():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64,
                                    torch.float8_e4m3fn, torch.float8_e5m2])
 def test_nonfinite_bit_test_matches_isfinite(dtype):
-    ints = _bits(torch.empty(0, dtype=dtype)).dtype
+    ints = bits(torch.empty(0, dtype=dtype)).dtype
     info = torch.iinfo(ints)
     values = torch.randint(info.min, info.max, (20000,), dtype=torch.int64).to(ints).view(dtype)
     exact = values.double() if dtype.itemsize == 1 else values
-    assert _adds_nonfinite(torch.zeros_like(values), values) == int((~torch.isfinite(exact)).sum()) > 0
-    assert _adds_nonfinite(values, values) == 0
+    assert adds_nonfinite(torch.zeros_like(values), values) == int((~torch.isfinite(exact)).sum()) > 0
+    assert adds_nonfinite(values, values) == 0
 
 
 def test_base_names_unwrap_wrappers():
@@ -185,10 +216,16 @@ def test_peft_and_ddp_wrapped_models(models):
     inner = wrapped.base_model.model.model.layers[1].self_attn.q_proj.base_layer.weight
     assert torch.equal(inner, target.model.layers[1].self_attn.q_proj.weight)
     delta.apply(wrapped)
-    # A delta built from two wrapped models has the same base names, and reverts the wrapped one.
+    # A delta built from two wrapped models has the same base names, and applies to the wrapped one.
     again = Delta.from_models(get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])),
                               wrapped)
     assert set(again.changes) == set(delta.changes) | set(lora_delta.changes)
+    after = snapshot(wrapped)
+    delta.revert(wrapped)
+    lora_delta.revert(wrapped)
+    assert same(snapshot(wrapped), before)
+    again.apply(wrapped)
+    assert same(snapshot(wrapped), after)
     again.revert(wrapped)
     assert same(snapshot(wrapped), before)
 

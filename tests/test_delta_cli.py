@@ -1,6 +1,8 @@
 """`mmedit diff | inspect | merge | revert` on saved tiny models of two families, and bad input through
 the CLI: one red line, exit status 1, nothing written or changed."""
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,8 @@ from typer.testing import CliRunner
 
 from mmedit import zoo
 from mmedit.cli.main import app
-from mmedit.delta import Delta, load_model
+from mmedit.delta import Delta
+from mmedit.loading import load_model
 
 runner = CliRunner()
 
@@ -34,7 +37,8 @@ def refused(result, message):
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
 def checkpoints(request, tmp_path_factory):
-    """base/ (a tiny model with a README), edited/ (elements nudged), a prune delta and the work dir."""
+    """base/ (a tiny model with a README), edited/ (elements nudged), a prune delta, a regrow delta of the
+    same elements to apply after it, and the work dir."""
     work = tmp_path_factory.mktemp(request.param)
     base = work / "base"
     shutil.copytree(zoo.tiny(request.param, root=tmp_path_factory.getbasetemp() / "zoo"), base)
@@ -45,6 +49,9 @@ def checkpoints(request, tmp_path_factory):
     prune = Delta.zeroed_rows(model, {up: [1, 4], names[0]: [1, 4]}, axes={names[0]: 1},
                               provenance={"plugin": "prune", "seed": 0})
     prune.save(work / "prune.safetensors")
+    pruned = dict(model.named_parameters())[up].detach().index_fill(0, torch.tensor([1, 4]), 0)
+    regrow = {up: (pruned, pruned.index_fill(0, torch.tensor([1, 4]), 0.5))}  # the rows prune zeroed, regrown
+    Delta.from_changes(regrow, provenance={"plugin": "regrow"}).save(work / "regrow.safetensors")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a masked update elsewhere: a vision weight and the last LLM down_proj
         vision = next(p for name, p in model.named_parameters() if "visual" in name or "vision" in name
@@ -95,6 +102,30 @@ def test_diff_inspect_merge_revert_round_trip(checkpoints):
     assert mmedit("revert", in_place, work / "prune.safetensors", "--in-place").exit_code == 0
     assert files(in_place) == before
     assert not any(path.name.startswith(".") for path in work.iterdir())  # no temp dirs left
+
+
+def test_stacked_merge_is_reverted_last_first(checkpoints, tmp_path):
+    """prune, then regrow on the same elements: revert takes the deltas as they were merged and undoes regrow
+    first; any other order is refused and writes nothing. The README record says which delta is on top;
+    without it the values decide. Merged and reverted weights get the umask's permissions."""
+    work, _ = checkpoints
+    base, prune, regrow = work / "base", work / "prune.safetensors", work / "regrow.safetensors"
+    merged, wrong, back = tmp_path / "merged", tmp_path / "wrong", tmp_path / "back"
+    previous = os.umask(0o022)
+    try:
+        assert mmedit("merge", base, prune, regrow, "--out", merged).exit_code == 0
+        refused(mmedit("revert", merged, regrow, prune, "--out", wrong), "regrow.safetensors (sha256:")
+        refused(mmedit("revert", merged, prune, "--out", wrong), "which must be reverted first")
+        assert mmedit("revert", merged, prune, regrow, "--out", back).exit_code == 0
+    finally:
+        os.umask(previous)
+    assert not wrong.exists() and files(back) == files(base)
+    assert [stat.S_IMODE((folder / "model.safetensors").stat().st_mode) for folder in (merged, back)] == [0o644] * 2
+
+    (merged / "README.md").unlink()
+    refused(mmedit("revert", merged, regrow, prune, "--out", wrong), "does not hold the delta's new values")
+    assert mmedit("revert", merged, prune, regrow, "--out", back, "--force").exit_code == 0
+    assert files(back) == {name: data for name, data in files(base).items() if name != "README.md"}
 
 
 def test_bad_input_through_the_cli(checkpoints, tmp_path):

@@ -104,9 +104,10 @@ def test_save_refuses_to_overwrite(tmp_path):
         delta.save(path)
     assert path.read_bytes() == before
     delta.save(path, overwrite=True)
-    with pytest.raises(MmeditError, match="does not exist"):
-        delta.save(tmp_path / "missing" / "d.safetensors")
+    with pytest.raises(MmeditError, match="cannot write .*d.safetensors is not a writable folder"):
+        delta.save(path / "inside.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]  # no temp files left
+    assert Delta.load(delta.save(tmp_path / "new" / "d.safetensors")).checksum == delta.checksum  # folder made
 
 
 @pytest.mark.parametrize("damage, message", [

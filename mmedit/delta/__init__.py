@@ -4,9 +4,20 @@
     with delta.applied(model): ...                # or delta.apply(model) / delta.revert(model)
     model = mmedit.load("llava-dir", deltas=["forget.safetensors"])
 
-The file format is specified in docs/delta-format.md.
+The file format is specified in docs/delta-format.md; checkpoint folders (merge, revert, diff) are
+mmedit.checkpoint's.
 """
-from mmedit.delta.checkpoint import diff, load, load_model, merge, revert
-from mmedit.delta.core import Change, Delta, base_name, encode
+from mmedit.delta.change import Change, encode
+from mmedit.delta.core import Delta, applied_stack
+from mmedit.delta.names import base_name
 
-__all__ = ["Change", "Delta", "base_name", "diff", "encode", "load", "load_model", "merge", "revert"]
+__all__ = ["Change", "Delta", "applied_stack", "base_name", "encode"]
+_MOVED = ("diff", "load", "merge", "revert")  # now in mmedit.checkpoint; still importable from here
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import mmedit.checkpoint
+
+        return getattr(mmedit.checkpoint, name)
+    raise AttributeError(f"module 'mmedit.delta' has no attribute {name!r}")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmedit.errors import MmeditError
-from mmedit.safefile import make_ordinary
+from mmedit.loading import first_line
+from mmedit.safefile import atomic_file
 
 FORMAT = "mmedit.delta"
 FORMAT_VERSION = 1
@@ -55,35 +54,11 @@ def _digest(text: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def write(path: str | Path, tensors: dict[str, torch.Tensor], text: str, *, overwrite: bool = False) -> Path:
-    """Write `tensors` and the sealed header `text` (see `seal`) atomically: a temp file in the same
-    directory, fsync, rename over `path`. A crash or a full disk leaves the old file or the new one.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise MmeditError(f"{path} already exists; pass --force (overwrite=True) to replace it")
-    if not path.parent.is_dir():
-        raise MmeditError(f"cannot write {path}: directory {path.parent} does not exist")
-    metadata = {HEADER_KEY: text}
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        with open(temp, "rb") as written:
-            os.fsync(written.fileno())
-        make_ordinary(temp)
-        os.replace(temp, path)
-    except Exception as error:
-        Path(temp).unlink(missing_ok=True)
-        raise MmeditError(f"could not write {path}: {_first_line(error)}") from error
-    except BaseException:  # KeyboardInterrupt: clean up, but let it through unchanged
-        Path(temp).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
-    return path
+    """Write `tensors` and the sealed header `text` (see `seal`) atomically (mmedit.safefile.atomic_file):
+    a crash or a full disk leaves the old file or the new one, never a mix."""
+    with atomic_file(path, force=overwrite) as temp:
+        save_file(tensors, temp, metadata={HEADER_KEY: text})
+    return Path(path)
 
 
 def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -97,7 +72,7 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             tensors = {key: opened.get_tensor(key) for key in opened.keys()}
     except Exception as error:
         raise MmeditError(f"{path} is not a readable safetensors file (corrupt or truncated): "
-                          f"{_first_line(error)}") from None
+                          f"{first_line(error)}") from None
     if HEADER_KEY not in metadata:
         raise MmeditError(f"{path} is not an mmedit delta (no {HEADER_KEY!r} entry in its safetensors metadata)")
     try:
@@ -120,7 +95,3 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise MmeditError(f"{path} is corrupt or was modified: its content does not match its checksum")
     return header, tensors
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
