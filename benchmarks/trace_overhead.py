@@ -9,6 +9,9 @@
    same on a GPU (CUDA synchronised after each step).
 2. Peak RSS of tracing 10 vs 100 vs 1000 examples (with gradients) on a ~7M model of the same shape,
    each in a fresh process: statistics stream, so memory must not grow with the data.
+3. `--statistics-only`: the statistics alone, Accumulator.add for the 17 sites of one batch of the ~50M
+   model (activations and gradients already computed), median of 20.
+Threads: torch's default, or OMP_NUM_THREADS.
 """
 from __future__ import annotations
 
@@ -55,8 +58,8 @@ def bare_step(model, batch):
     model.zero_grad(set_to_none=True)
 
 
-def hooks_step(model, batch, model_map):
-    from mmedit.trace.stats import Accumulator
+def site_tensors(model, batch, model_map):
+    """Plain torch hooks + torch.autograd.grad: every site's activation and gradient, and the LLM groups."""
     from mmedit.trace.tracer import position_groups
 
     seen, handles = {}, []
@@ -70,12 +73,23 @@ def hooks_step(model, batch, model_map):
             handle.remove()
     grads = torch.autograd.grad(loss, [seen[s.name] for s in model_map.sites])
     groups = position_groups(model_map.token_masks(batch.inputs, batch.inputs["labels"]))
+    return [seen[s.name] for s in model_map.sites], grads, groups
+
+
+def accumulate(model_map, values, grads, groups):
+    """The statistics of one batch: Accumulator.add for every site."""
+    from mmedit.trace.stats import Accumulator
+
     accumulator = Accumulator()
-    for site, grad in zip(model_map.sites, grads):
-        value = seen[site.name]
+    for site, value, grad in zip(model_map.sites, values, grads):
         masks = groups if site.part == "llm" else {"all": torch.ones(value.shape[:-1], dtype=torch.bool,
                                                                       device=value.device)}
         accumulator.add(site.name, "multimodal", value, masks, grad)
+    return accumulator
+
+
+def hooks_step(model, batch, model_map):
+    accumulate(model_map, *site_tensors(model, batch, model_map))
 
 
 def timed(steps: dict, repeats: int, device: torch.device) -> dict[str, float]:
@@ -123,6 +137,18 @@ def overhead(repeats: int, device: torch.device) -> dict:
     return result
 
 
+def statistics_cost(repeats: int, device: torch.device) -> dict:
+    """Accumulator.add for the sites of one batch alone (activations and gradients given): its median."""
+    from mmedit.arch import model_map
+
+    model = llava_model().to(device)
+    mapping = model_map(model)
+    values, grads, groups = site_tensors(model, batch_for(model, device=device), mapping)
+    values, grads = [v.detach() for v in values], [g.detach() for g in grads]
+    seconds = timed({"statistics_s": lambda: accumulate(mapping, values, grads, groups)}, repeats, device)
+    return {"sites": len(mapping.sites), "statistics_ms": round(1000 * seconds["statistics_s"], 2)}
+
+
 def _status_mb(field: str) -> float:
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
@@ -160,6 +186,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--memory-only", action="store_true", help="skip the timing part")
+    parser.add_argument("--statistics-only", action="store_true",
+                        help="time only Accumulator.add for the sites of one batch (median of 20)")
     parser.add_argument("--device", default="cpu", help="where the timing part runs: cpu, cuda or cuda:N "
                         "(the memory part measures CPU RSS and runs on CPU only)")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
@@ -172,6 +200,9 @@ def main() -> None:
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(json.dumps({"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                                  f"torch {torch.__version__}{gpu}"}), flush=True)
+    if args.statistics_only:
+        print(json.dumps({"statistics": statistics_cost(20, device)}), flush=True)
+        return
     if not args.memory_only:
         print(json.dumps({"overhead": overhead(3 if args.quick else 7, device)}, indent=2), flush=True)
     if device.type == "cpu":
