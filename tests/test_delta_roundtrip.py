@@ -115,17 +115,18 @@ def test_save_load_apply_revert_roundtrip(tmp_path_factory, specs, seed):
     assert same(state(model), base)
 
 
-def stack_of_deltas(base, count, patterns, generator):
-    """`count` deltas applied one on another: each edits w by a random pattern, and every one sets the
-    same elements `shared` to values no other state has (base ^ number of deltas applied), so they overlap."""
-    shared = torch.rand(base["w"].shape, generator=generator) < 0.5
-    shared.view(-1)[0] = True
+def stack_of_deltas(base, count, patterns, overlap, generator):
+    """`count` deltas applied one on another: each edits w by a random pattern; with `overlap`, every one
+    also sets the same elements to values no other state has (base ^ number of deltas applied)."""
+    shared = torch.rand(base["w"].shape, generator=generator) < (0.5 if overlap else 0.0)
+    shared.view(-1)[0] = overlap
     states, deltas = [base], []
     for number, pattern in enumerate(patterns[:count], 1):
         state = {"v": flipped(states[-1]["v"]) if number == 1 else states[-1]["v"].clone(),
                  "w": edited(states[-1]["w"], pattern, 0.4, generator)}
         bits(state["w"])[shared] = bits(base["w"])[shared] ^ number
-        deltas.append(Delta.from_changes({k: (states[-1][k], state[k]) for k in base}, allow_nonfinite=True))
+        deltas.append(Delta.from_changes({k: (states[-1][k], state[k]) for k in base}, allow_nonfinite=True,
+                                         provenance={"number": number}))
         states.append(state)
     return deltas, states
 
@@ -133,26 +134,29 @@ def stack_of_deltas(base, count, patterns, generator):
 @settings(max_examples=150, **SETTINGS)
 @given(dtype=st.sampled_from([dtype for dtype in DTYPES if dtype != torch.bool]),
        shape=st.lists(st.integers(1, 6), min_size=1, max_size=3), count=st.integers(2, 4),
-       patterns=st.lists(st.sampled_from(PATTERNS), min_size=4, max_size=4), seed=st.integers(0, 2**31 - 1),
-       data=st.data())
-def test_stacked_deltas_revert_only_last_first(dtype, shape, count, patterns, seed, data):
-    """Apply k overlapping deltas, then revert in a random order: any delta but the last applied is refused
-    and leaves the model as it was; the last one restores the state before it, bit for bit. On the model
-    itself the stack it keeps decides; on a copy (stack unknown) the values do."""
+       patterns=st.lists(st.sampled_from(PATTERNS), min_size=4, max_size=4), overlap=st.booleans(),
+       seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_stacked_deltas_revert_only_last_first(dtype, shape, count, patterns, overlap, seed, data):
+    """Apply k deltas, then revert in a random order: any delta but the last applied is refused and leaves
+    the model as it was; the last one restores the state before it, bit for bit. On the model itself the
+    stack it keeps decides, whatever the deltas touch; on a copy (stack unknown) the values do, which
+    needs deltas that change the same elements (`overlap`)."""
     generator = torch.Generator().manual_seed(seed)
     base = {"v": random_tensor([4], dtype, generator), "w": random_tensor(shape, dtype, generator)}
-    deltas, states = stack_of_deltas(base, count, patterns, generator)
+    deltas, states = stack_of_deltas(base, count, patterns, overlap, generator)
 
     model = module_with(base)
-    later = data.draw(st.integers(1, count - 1), label="applied too early")
-    with pytest.raises(MmeditError, match=" w does not hold the delta's original values"):
-        deltas[later].apply(model, allow_nonfinite=True)
-    assert same(state(model), base)  # v, checked first, would have fit: all or nothing
+    if overlap:
+        later = data.draw(st.integers(1, count - 1), label="applied too early")
+        with pytest.raises(MmeditError, match=" w does not hold the delta's original values"):
+            deltas[later].apply(model, allow_nonfinite=True)
+        assert same(state(model), base)  # v, checked first, would have fit: all or nothing
     for delta, expected in zip(deltas, states[1:]):
         delta.apply(model, allow_nonfinite=True)
         assert same(state(model), expected)
 
-    for target, refusal in ((model, "must be reverted first"), (copy.deepcopy(model), "new values")):
+    targets = [(model, "must be reverted first")] + [(copy.deepcopy(model), "new values")] * overlap
+    for target, refusal in targets:
         applied = list(range(count))
         while applied:  # each pass over a random order reverts at least the last delta applied
             for chosen in data.draw(st.permutations(applied), label="revert order"):
