@@ -102,9 +102,11 @@ def apply_revert(models: dict, delta: Delta, directory: Path, repeat: int) -> di
     """The same delta on every model, interleaved so that all models see the same machine load."""
     path = delta.save(directory / "delta.safetensors", overwrite=True)
     result = {"touched_bytes": delta.touched * DTYPE.itemsize, "file_bytes": path.stat().st_size,
-              "load_ms": timed(lambda: Delta.load(path), repeat)}
+              "load_ms": timed(lambda: Delta.load(path), repeat),
+              # the first apply of a delta built in memory computes its checksum (the model's stack holds it)
+              "checksum_ms": timed(lambda: Delta(delta.changes, delta.provenance).checksum, repeat)}
     times = {label: {"apply": [], "revert": []} for label in models}
-    delta.apply(next(iter(models.values())))  # warm-up; also computes the one-off NaN/inf scan of new values
+    delta.apply(next(iter(models.values())))  # warm-up; also the one-off NaN/inf scan and checksum
     delta.revert(next(iter(models.values())))
     for _ in range(repeat):
         for label, model in models.items():
@@ -205,12 +207,13 @@ def main() -> None:
 
 def print_tables(report: dict) -> None:
     models = list(report["sizes"])
-    print("| delta (bf16, blocks 0-3) | touched | file | load | " + " | ".join(
+    print("| delta (bf16, blocks 0-3) | touched | file | load | checksum | " + " | ".join(
         f"apply {m} | revert {m}" for m in models) + " |")
-    print("|---|---:|---:|---:|" + "---:|---:|" * len(models))
+    print("|---|---:|---:|---:|---:|" + "---:|---:|" * len(models))
     for label, run in report["runs"].items():
         cells = " | ".join(f"{run[m]['apply']:.2f} ms | {run[m]['revert']:.2f} ms" for m in models)
-        sizes_cells = f"{mib(run['touched_bytes'])} | {mib(run['file_bytes'])} | {run['load_ms']:.2f} ms"
+        sizes_cells = (f"{mib(run['touched_bytes'])} | {mib(run['file_bytes'])} | {run['load_ms']:.2f} ms | "
+                       f"{run['checksum_ms']:.2f} ms")
         print(f"| {label} | {sizes_cells} | {cells} |")
     print("\n| model | full checkpoint | edit | kinds | delta file | ratio | build |")
     print("|---|---:|---|---|---:|---:|---:|")

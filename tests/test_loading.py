@@ -1,4 +1,5 @@
-"""mmedit.loading.load: offline local loading, devices, dtypes, and one-line errors."""
+"""mmedit.loading: load (multimodal model + processor) and load_model (any HF checkpoint): offline local
+loading, devices, dtypes, and one-line errors."""
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from mmedit import zoo
 from mmedit.errors import MmeditError
-from mmedit.loading import load, resolve_device
+from mmedit.loading import load, load_model, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,25 @@ def test_cuda_asked_but_unavailable():
 def test_devices():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_load_model_takes_any_architecture_and_refuses_what_it_cannot_build(llava, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = load_model(llava, dtype="bfloat16")
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and not model.training
+    assert model.dtype == torch.bfloat16
+    text_only = tmp_path / "llama"  # not a family `load` supports, but a checkpoint merge and diff take
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=40)).save_pretrained(text_only)
+    assert type(load_model(text_only)).__name__ == "LlamaForCausalLM"
+    with pytest.raises(MmeditError, match="unsupported model_type 'llama'"):
+        load(text_only, device="cpu")
+    config = json.loads((text_only / "config.json").read_text())
+    (text_only / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModel"]}))
+    with pytest.raises(MmeditError, match="architecture NoSuchModel is not in transformers"):
+        load_model(text_only)
+    with pytest.raises(MmeditError, match="not a model directory"):
+        load_model(tmp_path)
+    with pytest.raises(MmeditError, match="model path not found"):
+        load_model(tmp_path / "missing")
