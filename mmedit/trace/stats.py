@@ -1,9 +1,9 @@
 """Streaming per-neuron statistics and the `TraceStats` file that holds them.
 
 Statistics are kept as running sums and centred second moments (float64, computed in float64 from the
-activations' own values), so memory is O(neurons) whatever the data size, two runs merge exactly (sums
-add; second moments by the parallel formula of Chan et al.), and every derived statistic (mean,
-variance, ...) is exact up to float64 rounding. Keys are "site/form/group/field":
+activations' own values), so memory is O(neurons) whatever the data size, two runs merge (sums add;
+second moments by the parallel formula of Chan et al.), and every derived statistic (mean, variance,
+...) is exact up to float64 rounding. Keys are "site/form/group/field":
 
     site   "vision.0", "projector.0", "llm.3" (see mmedit.arch.Site.name)
     form   "multimodal" (image + question) or "text" (the text-only twin)
