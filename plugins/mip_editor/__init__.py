@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from mmedit.errors import MmeditError
 from mmedit.plugins.base import option, require
 from mmedit.plugins.training import Selection, TrainConfig, TrainingPlugin, forms_option, paired
-from mmedit.plugins.mip_editor.paths import METHODS, POSITIONS, NeuronPaths, find_paths
+from mmedit.plugins.mip_editor.interventions import POSITIONS, model_inputs
+from mmedit.plugins.mip_editor.paths import NeuronPaths
+from mmedit.plugins.mip_editor.search import METHODS, find_paths
 from mmedit.plugins.rmu import misdirection
 
 SIDES = {"both": ("vision", "llm"), "text": ("llm",), "vision": ("vision",)}
@@ -146,19 +148,17 @@ def prune(job, paths: NeuronPaths) -> int:
 
 def check_silent(job, paths: NeuronPaths) -> None:
     """After pruning, every path neuron must read exactly 0 on a forget batch of its side's form."""
-    from mmedit.trace.tracer import nnsight_view, read_sites
+    from mmedit.data.batches import make_batches
+    from mmedit.trace import nnsight_view, read_sites
 
     device = next(job.model.parameters()).device
     with nnsight_view(job.model) as wrapped, torch.no_grad():
         for part in {name.split(".")[0] for name in paths.neurons}:
             form = METHODS[part][1]
             rows = [row for row in job.forget if form == "text" or row.image is not None][:2]
-            from mmedit.data.batches import make_batches
-
             batch = next(make_batches(rows, job.processor, form, batch_size=len(rows), device=device))
-            inputs = {key: value for key, value in batch.inputs.items() if key != "labels"}
             sites = [job.model_map.site(name) for name in paths.sites(part)]
-            values, _ = read_sites(wrapped, sites, inputs)
+            values, _ = read_sites(wrapped, sites, model_inputs(batch.inputs))
             for site, value in zip(sites, values):
                 loudest = value[..., paths.neurons[site.name].to(value.device)].abs().max().item()
                 if loudest != 0:

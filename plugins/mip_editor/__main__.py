@@ -14,6 +14,7 @@ import typer
 
 from mmedit.cli.common import Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, user_errors
 from mmedit.errors import MmeditError
+from mmedit.safefile import check_writable
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as the mmedit CLI: no transformers bars
 app = typer.Typer(name="mip_editor", help="MIP-Editor paths: find them (and save), or show a saved file.",
@@ -42,16 +43,18 @@ def find_command(
     """Search the influential neuron paths of the forget set and save them (reuse: apply --stats paths=FILE)."""
     from mmedit.data import read_rows
     from mmedit.plugins.mip_editor import SIDES
-    from mmedit.plugins.mip_editor.paths import POSITIONS, find_paths
+    from mmedit.plugins.mip_editor.interventions import POSITIONS
     from mmedit.plugins.mip_editor.report import path_table, plot_paths
+    from mmedit.plugins.mip_editor.search import find_paths
     from mmedit.provenance import file_sha256
 
     if side not in SIDES:
         raise MmeditError(f"unknown side {side!r}; choose from {', '.join(SIDES)}")
     if positions not in POSITIONS:
         raise MmeditError(f"unknown positions {positions!r}; choose from {', '.join(POSITIONS)}")
-    if out_path.exists() and not force:
-        raise MmeditError(f"{out_path} exists; pass --force to overwrite")
+    for target in (out_path, plot):  # refuse before the search, not after it
+        if target is not None:
+            check_writable(target, force)
     rows = read_rows(forget)
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
     paths = find_paths(loaded, processor, rows, parts=SIDES[side], steps=steps, top_k=top_k, positions=positions,
@@ -62,7 +65,7 @@ def find_command(
     if top:
         out.print(path_table(paths, top))
     if plot:
-        out.print(f"plot: {plot_paths(paths, plot)}")
+        out.print(f"plot: {plot_paths(paths, plot, force=force)}")
     out.print(f"paths: {out_path} ({paths.count()} neurons over {len(paths.neurons)} sites)")
 
 
@@ -72,6 +75,7 @@ def show_command(
     paths_file: Annotated[Path, typer.Argument(help="A paths file written by `find`.")],
     top: Annotated[int, typer.Option(min=1, help="Neurons per site in the table.")] = 5,
     plot: Annotated[Path | None, typer.Option(help="Also write a PNG of the paths here.")] = None,
+    force: Force = False,
 ) -> None:
     """Print a saved paths file as a table (and plot it)."""
     from mmedit.plugins.mip_editor.paths import NeuronPaths
@@ -80,7 +84,7 @@ def show_command(
     paths = NeuronPaths.load(paths_file)
     out.print(path_table(paths, top))
     if plot:
-        out.print(f"plot: {plot_paths(paths, plot)}")
+        out.print(f"plot: {plot_paths(paths, plot, force=force)}")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ from pathlib import Path
 
 from rich.table import Table
 
+from mmedit import safefile
 from mmedit.plugins.mip_editor.paths import NeuronPaths
 
 
 def path_table(paths: NeuronPaths, top: int = 5) -> Table:
-    """One row per site: method, neuron count, score sum, and the `top` best neurons with their scores."""
+    """One row per site: method, samples that chose neurons there (of the part's), neuron count, score sum,
+    and the `top` best neurons with their scores; dead sites (no sample chose anything) last."""
     options = paths.meta.get("options", {})
     title = (f"MIP-Editor paths (m={options.get('steps', '?')}, top-k={options.get('top_k', '?')}, "
              f"{options.get('positions', '?')} positions)")
@@ -18,20 +20,24 @@ def path_table(paths: NeuronPaths, top: int = 5) -> Table:
         table.add_column(column, justify="left" if column in ("site", "method", f"top {top} neuron:score") else "right")
     methods = paths.meta.get("methods", {})
     samples = paths.meta.get("samples", {})
+    skipped = paths.meta.get("skipped_samples", {})
     for name in paths.neurons:
         part = name.split(".")[0]
         neurons, scores = paths.neurons[name], paths.scores[name]
         best = ", ".join(f"{int(n)}:{float(s):.3g}" for n, s in zip(neurons[:top], scores[:top]))
-        table.add_row(name, methods.get(part, ""), str(samples.get(part, "")), str(neurons.numel()),
-                      f"{float(scores.sum()):.3g}", best)
+        choosing = f"{samples[part] - skipped.get(name, 0)}/{samples[part]}" if part in samples else ""
+        table.add_row(name, methods.get(part, ""), choosing, str(neurons.numel()), f"{float(scores.sum()):.3g}", best)
     for name in paths.meta.get("dead_sites", []):
-        table.add_row(name, "-", "", "0", "-", "no gradient reaches this site (dead branch)")
+        part = name.split(".")[0]
+        table.add_row(name, methods.get(part, ""), f"0/{samples.get(part, '?')}", "0", "-",
+                      "dead site: all attributions equal (no answer gradient at the read positions)")
     return table
 
 
-def plot_paths(paths: NeuronPaths, path: str | Path) -> Path:
+def plot_paths(paths: NeuronPaths, path: str | Path, force: bool = False) -> Path:
     """One panel per part: neuron index (x) by layer (y), dot size and colour by the neuron's score relative
-    to its layer's best; the best neuron of each layer joined by a line (the strongest path)."""
+    to its layer's best; the best neuron of each layer joined by a line (the strongest path). Written
+    atomically; an existing file needs force."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,6 +65,9 @@ def plot_paths(paths: NeuronPaths, path: str | Path) -> Path:
                        "line = best neuron per layer)")
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        with safefile.atomic_file(path, force=force) as temp:
+            figure.savefig(temp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(figure)
     return path
