@@ -158,8 +158,8 @@ def _places(header: dict, model: str | None) -> dict[str, tuple[str, int | None]
     no map places go to "other"."""
     specs = header["tensors"]
     unplaced = [name for name, spec in specs.items() if "part" not in spec]
-    named = (header.get("base_model") or {}).get("name_or_path")
-    mapped = _config_map(model or named, explicit=model is not None) if unplaced and (model or named) else None
+    source = model or (header.get("base_model") or {}).get("name_or_path")
+    mapped = _config_map(source, explicit=model is not None) if unplaced and source else None
     if unplaced and mapped is None:
         out.print(f"[yellow]note:[/] {len(unplaced)} tensor(s) the delta does not place are counted as "
                   f"{OTHER}; --model BASE places them by the base model's architecture", highlight=False)
@@ -182,6 +182,7 @@ def _config_map(source: str, explicit: bool):
 
     from mmedit.arch import model_map
     from mmedit.errors import MmeditError
+    from mmedit.loading import first_line
 
     folder = Path(source).expanduser()
     try:
@@ -191,8 +192,7 @@ def _config_map(source: str, explicit: bool):
     except (OSError, ValueError, MmeditError) as error:
         if not explicit:
             return None
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise MmeditError(f"--model {source}: cannot map its architecture ({first})") from None
+        raise MmeditError(f"--model {source}: cannot map its architecture ({first_line(error)})") from None
 
 
 def _layer_key(layer: str) -> tuple[int, int]:
