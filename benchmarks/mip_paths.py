@@ -1,6 +1,6 @@
 """MIP-Editor path search: batched (samples x steps per traced pass) vs the straightforward loop.
 
-Both run `mmedit.plugins.mip_editor.paths.find_paths` on the same model and rows; the loop is
+Both run `mmedit.plugins.mip_editor.search.find_paths` on the same model and rows; the loop is
 `loop=True`: one sample, one interpolation step and one layer per forward + backward (what the reference
 code does, minus its position-0 reading). The model is a random-weight LLaVA from the tiny zoo recipe,
 widened to ~50M parameters (LM 512 wide x 8 layers, vision 384 x 8 layers, 64 px images, 16 patches);
@@ -26,7 +26,7 @@ from PIL import Image
 
 from mmedit import zoo
 from mmedit.data.rows import Row
-from mmedit.plugins.mip_editor.paths import find_paths
+from mmedit.plugins.mip_editor.search import find_paths
 
 JOBS = ["glassblower", "pilot", "judge", "baker", "cartographer", "beekeeper", "luthier", "ferry captain"]
 

@@ -1,10 +1,11 @@
 """MIP-Editor (Li et al., AAAI'26, arXiv 2511.06793): influential neuron paths + representation misdirection.
 
-1. Paths (mip_editor.paths): IGI over LLM neurons on the text-only forget rows, IFI over vision-encoder
-   neurons on the image forget rows; m interpolation steps, top-k per layer and sample, united over
-   samples with summed scores. Precomputed paths: apply_plugin(..., stats={"paths": NeuronPaths or a
-   paths file}) / `mmedit apply mip_editor ... --stats paths=FILE`; `python -m mmedit.plugins.mip_editor`
-   finds, saves, tabulates and plots them.
+1. Paths (mip_editor.search): IGI over LLM neurons on the text-only forget rows, IFI over vision-encoder
+   neurons on the image forget rows; m interpolation steps, top-k per layer and sample by the signed
+   score that lowers the answer NLL, united over samples with summed scores; never chosen among ties
+   (zero attributions skipped, a layer where no sample has one is a dead site). Precomputed paths:
+   apply_plugin(..., stats={"paths": NeuronPaths or a paths file}) / `mmedit apply mip_editor ... --stats
+   paths=FILE`; `python -m mmedit.plugins.mip_editor` finds, saves, tabulates and plots them.
 2. Prune: the path neurons are silenced by zeroing, per neuron, the rows of its last weight producer
    and that producer's bias (fc1 weight + bias; up_proj of a gated MLP), so the neuron is exactly 0 at
    every position (checked on a forget batch).
