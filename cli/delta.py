@@ -31,7 +31,7 @@ def merge_command(
 
     Example: mmedit merge ~/models/llava forget.safetensors --out llava-forgot
     """
-    from mmedit.delta import merge
+    from mmedit.checkpoint import merge
 
     quiet_transformers()
     path = merge(model, deltas, out_dir, device=device, force=force, allow_nonfinite=allow_nonfinite,
@@ -53,7 +53,7 @@ def revert_command(
 
     Example: mmedit revert llava-forgot forget.safetensors --out llava-again
     """
-    from mmedit.delta import revert
+    from mmedit.checkpoint import revert
 
     quiet_transformers()
     path = revert(model_dir, deltas, out_dir, in_place=in_place, device=device, force=force,
@@ -75,7 +75,7 @@ def diff_command(
 
     Example: mmedit diff ~/models/llava ~/runs/llava-npo --out npo.safetensors
     """
-    from mmedit.delta import diff
+    from mmedit.checkpoint import diff
     from mmedit.errors import MmeditError
     from mmedit.safefile import check_writable
 
@@ -182,7 +182,7 @@ def _config_map(source: str, explicit: bool):
 
     from mmedit.arch import model_map
     from mmedit.errors import MmeditError
-    from mmedit.loading import first_line
+    from mmedit.errors import first_line
 
     folder = Path(source).expanduser()
     try:

@@ -7,8 +7,12 @@ __all__ = ["Delta", "MmeditError", "__version__", "load"]
 
 def __getattr__(name: str):
     # Delta and load pull in torch; importing them on first use keeps `import mmedit` light.
-    if name in ("Delta", "load"):
-        import mmedit.delta
+    if name == "Delta":
+        from mmedit.delta import Delta
 
-        return getattr(mmedit.delta, name)
+        return Delta
+    if name == "load":
+        from mmedit.checkpoint import load
+
+        return load
     raise AttributeError(f"module 'mmedit' has no attribute {name!r}")

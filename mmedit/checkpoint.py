@@ -17,7 +17,8 @@ import torch
 
 from mmedit.delta import Delta, applied_stack
 from mmedit.errors import MmeditError
-from mmedit.loading import first_line, load_model
+from mmedit.errors import first_line
+from mmedit.loading import load_model
 from mmedit.safefile import atomic_dir, check_writable, make_ordinary
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from mmedit.errors import MmeditError
+from mmedit.errors import MmeditError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LOAD_ERRORS = (OSError, ImportError, ValueError, SafetensorError)  # bad files, or a missing library
@@ -131,9 +131,3 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: str = "a
     if missing:
         raise MmeditError(f"{source}: checkpoint lacks or mis-shapes weight {missing[0]} ({len(missing)} in all)")
     return model.to(target).eval()
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's message, cut to its first line (MmeditError messages are one line)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -19,16 +19,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mmedit.errors import MmeditError
+from mmedit.errors import MmeditError, first_line
 
 if TYPE_CHECKING:  # safefile stays importable without torch (the data and zoo commands use it)
     import torch
 
 
 def make_ordinary(path: str | Path) -> None:
-    """Give a temp file or folder (mkstemp/mkdtemp make them private) the permissions a plain open() or
-    mkdir would have given it under the current umask, before it is renamed into place."""
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+    """Give a temp file or folder and everything in it (mkstemp/mkdtemp, and some writers, make them
+    private) the permissions a plain open() or mkdir would have given them under the current umask,
+    before it is renamed into place."""
+    mask = _umask()
+    for item in [Path(path), *(Path(path).rglob("*") if os.path.isdir(path) else [])]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def _umask() -> int:
@@ -145,10 +149,7 @@ def _exchange(first: Path, second: Path) -> bool:
 
 
 def _one_line(error: BaseException, path: Path) -> BaseException:
-    if isinstance(error, MmeditError):
-        return error
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return MmeditError(f"could not write {path}: {first}")
+    return error if isinstance(error, MmeditError) else MmeditError(f"could not write {path}: {first_line(error)}")
 
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], key: str, header: dict, force: bool = False) -> Path:

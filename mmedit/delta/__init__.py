@@ -12,12 +12,3 @@ from mmedit.delta.core import Delta, applied_stack
 from mmedit.delta.names import base_name
 
 __all__ = ["Change", "Delta", "applied_stack", "base_name", "encode"]
-_MOVED = ("diff", "load", "merge", "revert")  # now in mmedit.checkpoint; still importable from here
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import mmedit.checkpoint
-
-        return getattr(mmedit.checkpoint, name)
-    raise AttributeError(f"module 'mmedit.delta' has no attribute {name!r}")

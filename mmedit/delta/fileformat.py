@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmedit.errors import MmeditError
-from mmedit.loading import first_line
+from mmedit.errors import first_line
 from mmedit.safefile import atomic_file
 
 FORMAT = "mmedit.delta"
