@@ -542,6 +542,15 @@ def test_paths_cli_and_apply_stats(rows, tmp_path):
                                       "--device", "cpu"])
     assert found.exit_code == 0, found.output
     assert "llm.1" in found.output and (tmp_path / "p.png").is_file()
+    (tmp_path / "p.safetensors").unlink()
+    again = runner.invoke(paths_app, ["find", str(model_dir), "--forget", str(forget), "--out",
+                                      str(tmp_path / "p.safetensors"), "--plot", str(tmp_path / "p.png")])
+    assert again.exit_code == 1 and "p.png already exists" in again.output and "path search" not in again.output
+    assert not (tmp_path / "p.safetensors").exists()  # refused before the search: nothing written
+    found = runner.invoke(paths_app, ["find", str(model_dir), "--forget", str(forget), "--out",
+                                      str(tmp_path / "p.safetensors"), "--plot", str(tmp_path / "p.png"),
+                                      "--device", "cpu", "--force"])
+    assert found.exit_code == 0, found.output
     shown = runner.invoke(paths_app, ["show", str(tmp_path / "p.safetensors")])
     assert shown.exit_code == 0 and "vision.0" in shown.output
     out = tmp_path / "d.safetensors"

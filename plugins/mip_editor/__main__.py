@@ -81,6 +81,8 @@ def show_command(
     from mmedit.plugins.mip_editor.paths import NeuronPaths
     from mmedit.plugins.mip_editor.report import path_table, plot_paths
 
+    if plot is not None:
+        check_writable(plot, force)
     paths = NeuronPaths.load(paths_file)
     out.print(path_table(paths, top))
     if plot:
