@@ -19,7 +19,7 @@ from mmedit.delta import Delta, applied_stack
 from mmedit.errors import MmeditError
 from mmedit.errors import first_line
 from mmedit.loading import load_model
-from mmedit.safefile import atomic_dir, check_writable, make_ordinary
+from mmedit.safefile import atomic_dir, check_writable
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 _CARD_BEGIN = "\n<!-- mmedit deltas: begin -->\n"
@@ -127,9 +127,7 @@ def _write_checkpoint(model: torch.nn.Module, source: Path, out: Path, readme: s
                 shutil.copy2(item, temp / item.name)
         if readme is not None:
             (temp / "README.md").write_text(readme, encoding="utf-8")
-        for path in temp.rglob("*"):  # save_pretrained writes its weights 0600
-            make_ordinary(path)
-    return out
+    return out  # atomic_dir gave every file umask modes (save_pretrained writes its weights 0600)
 
 
 # ---- model card ---------------------------------------------------------------------------------------
