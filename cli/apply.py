@@ -88,7 +88,7 @@ def apply_command(
     config: Annotated[Path | None, typer.Option(help="Plugin options as a JSON object; --set wins.")] = None,
     stats: Annotated[list[str] | None, typer.Option("--stats", help=(
         "Precomputed statistics KEY=PATH from `mmedit trace` (repeatable; keys per plugin, e.g. manu: forget, "
-        "retain; mip_editor: paths, a file from `python -m mmedit.plugins.mip_editor`); the plugin skips "
+        "retain; mip_editor: paths, a file from `mmedit paths find`); the plugin skips "
         "that work."))] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice: same seed, same delta.")] = 0,
     device: Device = "auto",

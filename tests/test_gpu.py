@@ -18,7 +18,7 @@ from mmedit.data.rows import write_jsonl
 from mmedit.delta import Delta
 from mmedit.loading import load
 from mmedit.plugins import apply_plugin, available, get
-from mmedit.plugins.mip_editor.paths import find_paths
+from mmedit.plugins.mip_editor.search import find_paths
 from mmedit.trace import trace
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -19,7 +19,7 @@ from mmedit.data.rows import Row, write_jsonl
 from mmedit.delta import Delta
 from mmedit.errors import MmeditError
 from mmedit.plugins import apply_plugin
-from mmedit.plugins.mip_editor.__main__ import app as paths_app
+from mmedit.cli.paths import paths_app
 from mmedit.plugins.mip_editor.paths import NeuronPaths
 from mmedit.plugins.mip_editor.search import find_paths, layer_attributions, top_neurons
 from mmedit.plugins.mip_editor.report import path_table, plot_paths
@@ -180,6 +180,7 @@ def test_first_positions_skip_dead_sites(llava, rows):
     delta = apply_plugin("mip_editor", model, processor, rows[:4], rows[4:], {"positions": "first", "rmisu": False},
                          progress=False)
     assert delta.header()["report"]["paths"] == paths.summary()
+    assert delta.header()["report"]["dead_sites"] == ["vision.1", "llm.1"]
     assert not any(".layers.1.mlp" in name for name in delta.changes), sorted(delta.changes)
     with pytest.raises(MmeditError, match="no site has a usable attribution at the 'first' positions.*llm.1"):
         find_paths(model, processor, rows[:4], parts=("llm",), sites=["llm.1"], positions="first")

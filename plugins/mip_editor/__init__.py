@@ -5,7 +5,7 @@
    score that lowers the answer NLL, united over samples with summed scores; never chosen among ties
    (zero attributions skipped, a layer where no sample has one is a dead site). Precomputed paths:
    apply_plugin(..., stats={"paths": NeuronPaths or a paths file}) / `mmedit apply mip_editor ... --stats
-   paths=FILE`; `python -m mmedit.plugins.mip_editor` finds, saves, tabulates and plots them.
+   paths=FILE`; `mmedit paths find|show` finds, saves, tabulates and plots them.
 2. Prune: the path neurons are silenced by zeroing, per neuron, the rows of its last weight producer
    and that producer's bias (fc1 weight + bias; up_proj of a gated MLP), so the neuron is exactly 0 at
    every position (checked on a forget batch).
@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mmedit.errors import MmeditError
 from mmedit.plugins.base import option, require
@@ -43,7 +42,8 @@ from mmedit.plugins.training import Selection, TrainConfig, TrainingPlugin, form
 from mmedit.plugins.mip_editor.interventions import POSITIONS, model_inputs
 from mmedit.plugins.mip_editor.paths import NeuronPaths
 from mmedit.plugins.mip_editor.search import METHODS, find_paths
-from mmedit.plugins.rmu import misdirection
+from mmedit.plugins import losses
+from mmedit.plugins.objectives import Objective, retain_state_distance, steered_distance
 
 SIDES = {"both": ("vision", "llm"), "text": ("llm",), "vision": ("vision",)}
 TARGETS = ("fixed", "adaptive")
@@ -123,7 +123,7 @@ def get_paths(job, config) -> NeuronPaths:
     if isinstance(paths, (str, Path)):
         paths = NeuronPaths.load(paths)
     elif not isinstance(paths, NeuronPaths):
-        raise MmeditError(f"statistics 'paths': expected a paths file (python -m mmedit.plugins.mip_editor find), "
+        raise MmeditError(f"statistics 'paths': expected a paths file (mmedit paths find), "
                           f"got {type(paths).__name__}")
     paths.check(job.model_map)
     paths = NeuronPaths({n: i for n, i in paths.neurons.items() if n.split(".")[0] in parts},
@@ -182,25 +182,40 @@ class RMisU(TrainingPlugin):
         return paired(trainer, config.forms, anchor="retain")  # forget batches cycled to the retain length
 
     def loss(self, trainer, step):
-        config = trainer.config
-        layer = steered_layer(trainer.job, config)
-        h_forget, u, keep = misdirection(trainer, step, layer)
-        if config.target == "adaptive":
-            reference = trainer.reference(step.forget, [layer])
-            norms = reference.hidden[layer][reference.mask].float().norm(dim=-1, keepdim=True)
-            target = config.lam * norms * u
-        else:
-            target = (config.c * u).expand_as(h_forget)
-        return config.beta * F.mse_loss(h_forget, target) + config.alpha * keep
+        config, layer = trainer.config, steered_layer(trainer.job, trainer.config)
+        forget = trainer.forward(step.forget, [layer]).states(layer)
+        retain = trainer.forward(step.retain, [layer]).states(layer)
+        base = trainer.reference(step.retain, [layer]).states(layer)
+        return (config.beta * losses.misdirection(forget, target(trainer, config, step.forget, forget))
+                + config.alpha * losses.retain_state(retain, base))
+
+
+def target(passes, config, batch, states):
+    """The forget target at each of the batch's non-pad positions: c*u (fixed) or lam*||h_theta0||*u."""
+    u = losses.random_direction(states.shape[-1], passes.job.seed, states.device)
+    if config.target == "adaptive":
+        layer = steered_layer(passes.job, config)
+        return losses.adaptive_target(passes.reference(batch, [layer]).states(layer), u, config.lam)
+    return losses.fixed_target(u, config.c, states)
 
 
 class MIPEditor(TrainingPlugin):
     name, version = "mip_editor", "1.0"
     description = "Influential neuron paths (IG text side, Fisher vision side) pruned, then RMisU on their rows."
     Config = MIPEditorConfig
+    presets = {"conformance": {"lr": 5e-3, "epochs": 5}}
 
     def parts(self, config):
         return SIDES[config.side]
+
+    def objectives(self, config):
+        """RMisU's two terms (after pruning, from the pruned point)."""
+        if not config.rmisu:
+            return []
+        return [Objective("forget states' distance to the target", steered_distance(steered_layer, target, config.forms),
+                          "down", 2e-3),
+                Objective("retain states' distance to base", retain_state_distance(steered_layer, config.forms),
+                          "kept", 1e-3)]
 
     def edit(self, job, config):
         from mmedit.plugins.training import Trainer
@@ -208,7 +223,8 @@ class MIPEditor(TrainingPlugin):
         paths = get_paths(job, config)
         layer = steered_layer(job, config)
         report = {"paths": paths.summary(), "path_neurons": paths.count(), "layer": layer,
-                  "path_search": dict(sorted(paths.meta.get("options", {}).items()))}
+                  "path_search": dict(sorted(paths.meta.get("options", {}).items())),
+                  "dead_sites": paths.meta.get("dead_sites", [])}
         if config.prune:
             report["pruned_elements"] = prune(job, paths)
             check_silent(job, paths)

@@ -63,12 +63,3 @@ class NeuronPaths:
             if index.numel() and (int(index.max()) >= site.width or int(index.min()) < 0):
                 raise MmeditError(f"paths: neuron {int(index.max())} of {name} is out of range (width {site.width})")
 
-
-def __getattr__(name: str):
-    """find_paths and layer_attributions moved to mip_editor.search; `from ...paths import find_paths`
-    (tests/test_gpu.py) still works. Lazy, because search imports this module."""
-    if name in ("find_paths", "layer_attributions"):
-        from mmedit.plugins.mip_editor import search
-
-        return getattr(search, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

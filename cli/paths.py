@@ -1,12 +1,11 @@
-"""`python -m mmedit.plugins.mip_editor`: find MIP-Editor paths once, save them, show them.
+"""`mmedit paths find | show`: find MIP-Editor's influential neuron paths once, save them, show them.
 
-    python -m mmedit.plugins.mip_editor find MODEL --forget forget.jsonl --out paths.safetensors --plot paths.png
-    python -m mmedit.plugins.mip_editor show paths.safetensors --plot paths.png
+    mmedit paths find MODEL --forget forget.jsonl --out paths.safetensors --plot paths.png
+    mmedit paths show paths.safetensors --plot paths.png
     mmedit apply mip_editor MODEL --forget forget.jsonl --retain retain.jsonl --stats paths=paths.safetensors ...
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,12 +15,11 @@ from mmedit.cli.common import Device, Dtype, Force, Threads, TrustRemoteCode, lo
 from mmedit.errors import MmeditError
 from mmedit.safefile import check_writable
 
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as the mmedit CLI: no transformers bars
-app = typer.Typer(name="mip_editor", help="MIP-Editor paths: find them (and save), or show a saved file.",
-                  add_completion=False, pretty_exceptions_show_locals=False)
+paths_app = typer.Typer(name="paths", help="MIP-Editor's influential neuron paths: find them (and save), or show a "
+                        "saved file.", no_args_is_help=True)
 
 
-@app.command("find")
+@paths_app.command("find")
 @user_errors
 def find_command(
     model: Annotated[str, typer.Argument(help="HF model directory or hub id.")],
@@ -40,7 +38,10 @@ def find_command(
     trust_remote_code: TrustRemoteCode = False,
     force: Force = False,
 ) -> None:
-    """Search the influential neuron paths of the forget set and save them (reuse: apply --stats paths=FILE)."""
+    """Search the influential neuron paths of the forget set and save them (reuse: apply --stats paths=FILE).
+
+    Example: mmedit paths find tiny-llava --forget bench/forget10.jsonl --out paths.safetensors --plot paths.png
+    """
     from mmedit.data import read_rows
     from mmedit.plugins.mip_editor import SIDES
     from mmedit.plugins.mip_editor.interventions import POSITIONS
@@ -69,7 +70,7 @@ def find_command(
     out.print(f"paths: {out_path} ({paths.count()} neurons over {len(paths.neurons)} sites)")
 
 
-@app.command("show")
+@paths_app.command("show")
 @user_errors
 def show_command(
     paths_file: Annotated[Path, typer.Argument(help="A paths file written by `find`.")],
@@ -77,7 +78,10 @@ def show_command(
     plot: Annotated[Path | None, typer.Option(help="Also write a PNG of the paths here.")] = None,
     force: Force = False,
 ) -> None:
-    """Print a saved paths file as a table (and plot it)."""
+    """Print a saved paths file as a table (and plot it).
+
+    Example: mmedit paths show paths.safetensors --top 10
+    """
     from mmedit.plugins.mip_editor.paths import NeuronPaths
     from mmedit.plugins.mip_editor.report import path_table, plot_paths
 
@@ -89,5 +93,6 @@ def show_command(
         out.print(f"plot: {plot_paths(paths, plot, force=force)}")
 
 
-if __name__ == "__main__":
-    app()
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(paths_app)
