@@ -81,6 +81,11 @@ def test_word_level_tokenizer_keeps_answers_whole_and_prompts_prefix(fast):
     assert tokenizer.tokenize("What is the hobby of this person?") == [
         "What", "▁is", "▁the", "▁hobby", "▁of", "▁this", "▁person", "?"]
     assert tokenizer.decode(tokenizer("bird watching", add_special_tokens=False)["input_ids"]) == "bird watching"
+    # no more tokens than words and marks: the image runs into the question, "?" takes the newline
+    chat = processor.apply_chat_template(
+        _conversation("What is the hobby of this person?", "multimodal", "bird watching"), tokenize=False)
+    assert tokenizer.tokenize(chat) == ["<s>", "USER", ":▁", "<image>", "What", "▁is", "▁the", "▁hobby", "▁of",
+                                        "▁this", "▁person", "?\n", "ASSISTANT", ":▁", "bird", "▁watching", "</s>"]
     info = profiles.load(fast.data)
     # the saved tokenizer (tokenizer.json as from_pretrained reads it) round-trips too
     assert _round_trip_failures(tokenizer, _benchmark_texts(info, processor)) == []

@@ -42,7 +42,7 @@ from mmedit.data.batches import FORMS, IGNORE, make_batches
 from mmedit.data.rows import Row
 from mmedit.errors import MmeditError
 
-TRAINER_VERSION = 2  # part of the cache key: bump it whenever a code change alters the trained weights
+TRAINER_VERSION = 3  # part of the cache key: bump it whenever a code change alters the trained weights
 TRAINING_FILE = "mmedit-training.json"
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "image": "<image>"}
 SPACE = "\u2581"  # "▁", the Metaspace mark standing for a space inside a token
@@ -84,12 +84,13 @@ def _pre_tokenizer():
     from tokenizers import Regex, pre_tokenizers
 
     # Spaces become "▁" and stay in the tokens, so decoding can put them back: a word takes the space
-    # before it, a punctuation mark the space after it, and a newline or any other space is a token of
-    # its own. "this person born?\nASSISTANT: " -> "this", "▁person", "▁born", "?", "\n", "ASSISTANT",
-    # ":▁". A prompt ending in ": " is then a token prefix of prompt + answer (a word-attached space would
-    # make it "▁" alone in the prompt and "▁Lisbon" in the full text), and a word keeps one token wherever
-    # a space precedes it. Unlike a space token between all words, the sequences stay about as short.
-    split = pre_tokenizers.Split(Regex(rf"{SPACE}?\w+|[^\w\s{SPACE}]{SPACE}?|\s|{SPACE}"), behavior="isolated")
+    # before it, a punctuation mark the space or newline after it, any other whitespace is a token of its
+    # own. "this person born?\nASSISTANT: " -> "this", "▁person", "▁born", "?\n", "ASSISTANT", ":▁".
+    # A prompt ending in ": " is then a token prefix of prompt + answer (a word-attached space would make
+    # it "▁" alone in the prompt and "▁Lisbon" in the full text), a word keeps one token wherever a space
+    # precedes it, and a prompt has no more tokens than words and punctuation marks.
+    pieces = rf"{SPACE}?\w+|[^\w\s{SPACE}][{SPACE}\n]?|\s|{SPACE}"  # word, mark, other whitespace
+    split = pre_tokenizers.Split(Regex(pieces), behavior="isolated")
     return pre_tokenizers.Sequence(
         [pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=False), split])
 
@@ -126,7 +127,8 @@ def build_processor(tokenizer, image_size: int):
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=_patch(image_size),
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=chat_template(SPECIAL_TOKENS["image"] + "\n"))
+        # the image tokens run straight into the question, one token fewer than with a newline between
+        chat_template=chat_template(SPECIAL_TOKENS["image"]))
 
 
 def processor_for(info: profiles.BenchInfo):
@@ -316,9 +318,10 @@ def all_rows(info: profiles.BenchInfo) -> list[Row]:
 def _texts(rows: list[Row]) -> list[str]:
     from mmedit.eval.harness import lettered
 
-    # the chat template's own text around the turns (zoo.chat_template); the lettered prompts are not
-    # trained but stay free of <unk>, so `mmedit eval` can still ask them
-    texts = ["USER: \nASSISTANT: "]
+    # the chat template's text around the turns (zoo.chat_template), after a question ending in "?" and
+    # one ending in "."; the lettered prompts are not trained but stay free of <unk>, so `mmedit eval`
+    # can still ask them
+    texts = ["USER: ?\nASSISTANT: ", "USER: .\nASSISTANT: "]
     for row in rows:
         texts += [row.question, row.text_question, row.answer]
         if row.options is not None:
