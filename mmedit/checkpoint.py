@@ -16,8 +16,7 @@ from typing import Iterable
 import torch
 
 from mmedit.delta import Delta, applied_stack
-from mmedit.errors import MmeditError
-from mmedit.errors import first_line
+from mmedit.errors import MmeditError, first_line
 from mmedit.loading import load_model
 from mmedit.safefile import atomic_dir, check_writable
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from mmedit.plugins import losses
 from mmedit.plugins.base import option, require
 from mmedit.plugins.objectives import Objective, retain_state_distance, steered_distance
-from mmedit.plugins.training import Selection, TrainConfig, TrainingPlugin, forms_option
+from mmedit.plugins.training import Selection, TrainConfig, TrainingPlugin, forms_option, steered_layer
 
 
 @dataclass
@@ -25,10 +25,6 @@ class RMUConfig(TrainConfig):
         super().__post_init__()
         require(self.layer >= 0, "layer", "be >= 0")
         require(self.alpha >= 0, "alpha", "be >= 0")
-
-
-def steered_layer(job, config) -> int:
-    return min(config.layer, len(job.model_map.residual) - 1)
 
 
 def target(trainer, config, batch, states):

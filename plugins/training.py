@@ -5,6 +5,8 @@
         Config = BaselineConfig
         def loss(self, trainer, step):
             return -trainer.forward(step.forget).nll
+        def objectives(self, config):           # what it moves, checked by the conformance suite
+            return [Objective("forget answer NLL", forget_nll(config.forms), "up", 0.05)]
 
 The Trainer does everything else. What may change is a `Selection` per step kind: whole parameters,
 rows of parameters (e.g. the producers of chosen neurons) or element masks; everything else is frozen,
@@ -36,6 +38,11 @@ from mmedit.progress import track
 FORMS = {"multimodal": BATCH_FORMS[:1], "text": BATCH_FORMS[1:], "both": BATCH_FORMS}  # option value -> forms
 
 
+def steered_layer(job: Job, config) -> int:
+    """config.layer, clamped to the model's last decoder layer (RMU, MIP-Editor's RMisU)."""
+    return min(config.layer, len(job.model_map.residual) - 1)
+
+
 def split_parts(text: str) -> tuple[str, ...]:
     from mmedit.arch import PARTS
 
@@ -55,7 +62,7 @@ class TrainConfig:
     max_steps: int = option(0, "Stop after this many optimisation steps (0: run the whole schedule).")
 
     def __post_init__(self):
-        require(self.lr > 0 and math.isfinite(self.lr), "lr", "be a positive number")
+        require(0 < self.lr <= torch.finfo(torch.float32).max, "lr", "be a positive number")
         require(self.epochs >= 1, "epochs", "be at least 1")
         require(self.batch_size >= 1, "batch_size", "be at least 1")
         require(self.grad_clip >= 0, "grad_clip", "be >= 0")
@@ -95,6 +102,13 @@ class Selection:
         for name, (axis, indices) in rows.items():
             if name not in params:
                 raise MmeditError(f"row selection: parameter {name} is not in the model")
+            if not -params[name].dim() <= axis < params[name].dim():
+                raise MmeditError(f"row selection: {name} has no axis {axis} (shape {list(params[name].shape)})")
+            axis %= params[name].dim()
+            bad = [int(i) for i in indices if not 0 <= int(i) < params[name].shape[axis]]
+            if bad:
+                raise MmeditError(f"row selection: index {bad[0]} is out of range for axis {axis} of {name} "
+                                  f"(size {params[name].shape[axis]})")
             shape = [1] * params[name].dim()
             shape[axis] = params[name].shape[axis]
             mask = torch.zeros(shape, dtype=torch.bool, device=params[name].device)

@@ -1,10 +1,12 @@
 """Applying and reverting deltas on models: verification, all-or-nothing, wrapped models, builders."""
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mmedit
-from mmedit.delta import Change, Delta, base_name
+from mmedit.delta import Change, Delta, applied_stack, base_name
 from mmedit.delta.change import adds_nonfinite, bits
 from mmedit.errors import MmeditError
 
@@ -254,6 +256,19 @@ def test_mmedit_load_applies_all_or_nothing(tmp_path, models):
     with pytest.raises(MmeditError, match="does not fit"):
         mmedit.load(fresh, deltas=[delta, delta])  # the second one no longer fits; the first is reverted
     assert same(snapshot(fresh), before)
+
+    # Two deltas stacked on the same tensor, then one that does not fit: the two are reverted last-first
+    # (the other order is refused by the stack check and would leave them applied), the error is the misfit.
+    first, second = tiny_llama(), tiny_llama()
+    with torch.no_grad():
+        second.model.embed_tokens.weight[3] += 1
+    third = copy.deepcopy(second)
+    with torch.no_grad():
+        third.model.embed_tokens.weight[3] += 1
+    stacked = [Delta.from_models(first, second), Delta.from_models(second, third)]
+    with pytest.raises(MmeditError, match="does not fit"):
+        mmedit.load(fresh, deltas=[*stacked, delta, delta])
+    assert same(snapshot(fresh), before) and applied_stack(fresh) == []
 
 
 def test_bf16_model_keeps_dtype_and_bits():

@@ -15,12 +15,14 @@ from mmedit.data.batches import make_batches
 from mmedit.loading import load
 from mmedit.plugins import Job, get, losses
 from mmedit.plugins.mip_editor import RMisU
-from mmedit.plugins.mmunlearner import EPSILON, maskable
+from mmedit.plugins.mmunlearner import maskable
 from mmedit.plugins.training import Step, Trainer
 
 from test_plugins_conformance import make_rows
 
 IGNORE = -100
+EPSILON = 1e-15  # MMUnlearner's ratio guard (methods.md), written here, not imported from the plugin
+SEED = 5  # the job's seed: u must come from it
 
 
 def log_softmax(row):
@@ -107,7 +109,7 @@ def trainer_for(name, edited, base, processor, rows, overrides=None, method=None
     base_params = dict(base.named_parameters())
     original = {n: base_params[n].detach() for n, _ in edited.named_parameters()
                 if (mapping.part_of(n) or (None,))[0] in plugin.parts(config)}
-    job = Job(edited, processor, mapping, rows[:4], rows[4:], rows, 0, False, original)
+    job = Job(edited, processor, mapping, rows[:4], rows[4:], rows, SEED, False, original)
     return Trainer(job, config, method or plugin), plugin, config
 
 
@@ -176,7 +178,7 @@ def test_rmu_and_mip_editor_losses(setup):
     with torch.no_grad():
         h_f, h_r, h_0 = hand_states(edited, forget, layer), hand_states(edited, retain, layer), hand_states(base, retain, layer)
         h_0f = hand_states(base, forget, layer)
-    u = torch.rand(h_f.shape[-1], generator=torch.Generator().manual_seed(0))
+    u = torch.rand(h_f.shape[-1], generator=torch.Generator().manual_seed(SEED))
     u = u / u.norm()
     mse = lambda a, b: ((a - b) ** 2).mean().item()  # noqa: E731
     keep = mse(h_r, h_0)
@@ -225,7 +227,6 @@ def test_mmunlearner_loss_and_saliency_mask(setup):
     for index, name in enumerate(names):
         preserve = f_llm[index] if model_map(edited).part_of(name)[0] == "llm" else f_retain[index]
         hand = (f_forget[index] + EPSILON) / (preserve + EPSILON) >= config.tau
-        agree = (masks[name].cpu() == hand).float().mean().item()
-        assert agree > 0.999, f"{name}: the saliency mask disagrees with the hand formula on {1 - agree:.2%}"
+        assert torch.equal(masks[name].cpu(), hand), f"{name}: the saliency mask disagrees with the hand formula"
         selected += int(hand.sum())
     assert 0 < selected < sum(params[n].numel() for n in names)  # a real selection, not all or nothing

@@ -38,7 +38,7 @@ import torch
 
 from mmedit.errors import MmeditError
 from mmedit.plugins.base import option, require
-from mmedit.plugins.training import Selection, TrainConfig, TrainingPlugin, forms_option, paired
+from mmedit.plugins.training import Selection, TrainConfig, TrainingPlugin, forms_option, paired, steered_layer
 from mmedit.plugins.mip_editor.interventions import POSITIONS, model_inputs
 from mmedit.plugins.mip_editor.paths import NeuronPaths
 from mmedit.plugins.mip_editor.search import METHODS, find_paths
@@ -84,10 +84,6 @@ class MIPEditorConfig(TrainConfig):
         require(self.alpha >= 0 and self.beta >= 0, "alpha/beta", "be >= 0")
         require(self.lam > 0, "lam", "be > 0")
         require(self.prune or self.rmisu, "prune/rmisu", "not both be false (nothing would change)")
-
-
-def steered_layer(job, config) -> int:
-    return min(config.layer, len(job.model_map.residual) - 1)
 
 
 def reaches(site, layer: int, forms: str) -> bool:
@@ -143,7 +139,7 @@ def prune(job, paths: NeuronPaths) -> int:
             for producer in prune_producers(site):
                 tensor = params[producer.param]
                 tensor.index_fill_(producer.axis, index.to(tensor.device), 0)
-                zeroed += index.numel() * tensor[0].numel() if producer.axis == 0 else index.numel()
+                zeroed += index.numel() * (tensor.numel() // tensor.shape[producer.axis])
     return zeroed
 
 

@@ -37,11 +37,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from mmedit.data.batches import IGNORE, make_batches
+from mmedit.data.batches import make_batches
 from mmedit.errors import MmeditError
 from mmedit.modelstate import preserved
+from mmedit.plugins import losses
 from mmedit.plugins.mip_editor.interventions import (POSITIONS, model_inputs, position_mask, prefix_cache,
                                                      repeat_cache, scaled_logits, suffix, unit_rows)
 from mmedit.plugins.mip_editor.paths import NeuronPaths
@@ -52,10 +52,7 @@ METHODS = {"llm": ("igi", "text"), "vision": ("ifi", "multimodal")}  # part -> (
 
 def answer_loglik(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[rows]: the log-likelihood of each row's answer tokens (summed), in float32."""
-    targets = labels[:, 1:]
-    answer = targets != IGNORE
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
-    return -(nll * answer).sum(dim=1)
+    return -losses.token_nll(logits, labels)[0].sum(dim=1)
 
 
 def top_neurons(scores: torch.Tensor, own: torch.Tensor, k: int) -> torch.Tensor:
