@@ -105,6 +105,7 @@ def apply_command(
 
     overrides = parse_overrides(config, settings or [])
     get(plugin).configure(overrides)  # bad options fail before anything loads
+    get(plugin).check_stats_keys(setting.partition("=")[0].strip() for setting in stats or [])
     if out_path.exists() and not force:
         raise MmeditError(f"{out_path} exists; pass --force to overwrite")
     forget_rows, files = _data(forget, "forget")

@@ -45,6 +45,7 @@ def apply_plugin(
 
     plugin = get(name)
     config = plugin.configure(overrides)
+    plugin.check_stats_keys(stats or {})
     if not forget_rows:
         raise MmeditError(f"{name}: the forget set is empty")
     if plugin.needs_retain and not retain_rows:

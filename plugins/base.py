@@ -51,6 +51,7 @@ class Plugin:
     # settings `mmedit demo` runs on mmedit's tiny embedded model (trained at lr 1e-3, where the papers'
     # lr 1e-5 moves nothing). Each is a dict of option overrides, checked by configure() like --set.
     presets: Mapping[str, Mapping[str, object]] = {}
+    stats_keys: tuple[str, ...] = ()  # the precomputed statistics it reads (apply_plugin(stats=...), --stats KEY=)
 
     def parts(self, config) -> tuple[str, ...]:
         """The parts (vision, projector, llm) the edit may change; nothing outside them may move."""
@@ -89,6 +90,13 @@ class Plugin:
             return self.Config(**values)
         except MmeditError as error:
             raise MmeditError(f"{self.name}: {error}; options are {self.describe_options()}") from None
+
+    def check_stats_keys(self, keys) -> None:
+        """Precomputed statistics this plugin does not read are one clear error, never silently ignored."""
+        unknown = sorted(set(keys) - set(self.stats_keys))
+        if unknown:
+            reads = f"it reads {', '.join(self.stats_keys)}" if self.stats_keys else "it reads none"
+            raise MmeditError(f"{self.name}: unknown statistics key {unknown[0]!r}; {reads}")
 
     def describe_options(self) -> str:
         return ", ".join(f"{f.name}={_show(f.default)}" for f in self.options())

@@ -85,6 +85,7 @@ class MMUnlearner(TrainingPlugin):
     name, version = "mmunlearner", "1.0"
     description = "Fisher-saliency-masked gradient ascent on forget VQA, interleaved with retain steps."
     Config = MMUnlearnerConfig
+    stats_keys = ("forget", "retain", "text")
     presets = {"embedded": {"lr": 1e-3, "tau": 2.0}, "conformance": {"lr": 1e-3, "epochs": 3}}
 
     def parts(self, config):

@@ -353,6 +353,11 @@ def test_apply_cli(tmp_path, rows, model_dir):
            "--set", "batch_size=1", "--out", str(tmp_path / "nan.safetensors")], "the loss is nan at step 2")
     fails(["apply", "graddiff", str(model_dir), "--forget", str(forget), "--out", str(tmp_path / "x")],
           "graddiff: needs a retain set (--retain)")
+    # Statistics a plugin does not read are refused, not ignored (and recorded as if they were used).
+    fails(["apply", "ga", str(model_dir), "--forget", str(forget), "--stats", f"forget={forget}", "--out",
+           str(tmp_path / "x")], "ga: unknown statistics key 'forget'; it reads none")
+    fails([*base, "--stats", f"paths={forget}", "--out", str(tmp_path / "x")],
+          "mmunlearner: unknown statistics key 'paths'; it reads forget, retain, text")
     assert not (tmp_path / "x").exists() and not (tmp_path / "nan.safetensors").exists()
 
 
@@ -414,3 +419,16 @@ def test_memo_is_kept_per_plugin_and_only_with_declared_dependencies(llava, rows
     assert [r["value"] for r in reports] == ["asks_a", "asks_b", "asks_a"]
     assert [r["undeclared"] for r in reports] == ["asks_a 1", "asks_b 2", "asks_a 3"]  # recomputed every time
     assert [job.sources["forget"] for job in Asks.jobs] == ["computed", "computed", "reused"]
+
+
+def test_mmunlearner_leaves_out_layers_no_gradient_reaches(rows):
+    """LLaVA with vision_feature_layer=-2: the last vision layer is off the loss path (ModelMap.expected_dead).
+    MMUnlearner masks none of its weights and its delta never touches them (a Fisher of zeros there would
+    otherwise count as salient wherever the preserve Fisher is zero too)."""
+    model, processor = zoo.build("llava", config={"vision_feature_layer": -2})
+    mapping = model_map(model)
+    assert mapping.expected_dead == ("vision.1",)
+    dead = mapping.site("vision.1").module.rsplit(".mlp", 1)[0]  # the layer, e.g. ...encoder.layers.1
+    delta = apply_plugin("mmunlearner", model, processor, rows[:4], rows[4:8], {"max_steps": 2}, progress=False)
+    assert delta.changes and not [name for name in delta.changes if name.startswith(dead + ".")]
+    assert any(mapping.part_of(name)[0] == "vision" for name in delta.changes)

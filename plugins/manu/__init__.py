@@ -148,14 +148,12 @@ class MANU(Plugin):
     name, version = "manu", "1.0"
     description = "Modality-aware neuron pruning: zero the neurons more important to forget than retain data."
     Config = MANUConfig
+    stats_keys = STATS_KEYS
 
     def parts(self, config):
         return split_parts(config.parts)
 
     def edit(self, job, config):
-        unknown = sorted(set(job.stats) - set(STATS_KEYS))
-        if unknown:
-            raise MmeditError(f"manu: unknown statistics key {unknown[0]!r}; manu reads {', '.join(STATS_KEYS)}")
         parts = self.parts(config)
         sites = candidate_sites(job.model_map, parts)
         if not sites:

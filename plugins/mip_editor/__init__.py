@@ -199,6 +199,7 @@ class MIPEditor(TrainingPlugin):
     name, version = "mip_editor", "1.0"
     description = "Influential neuron paths (IG text side, Fisher vision side) pruned, then RMisU on their rows."
     Config = MIPEditorConfig
+    stats_keys = ("paths",)
     presets = {"conformance": {"lr": 5e-3, "epochs": 5}}
 
     def parts(self, config):
