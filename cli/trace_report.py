@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from mmedit.safefile import atomic_file
+from mmedit.safefile import save_figure
 from mmedit.trace import TraceStats
 
 
@@ -81,9 +81,4 @@ def heatmap(stats: TraceStats, form: str, group: str, path: str | Path, force: b
         axis.set_title(f"{part}: neuron importance ({form}, {site_group(sites[0], group)} positions; 1 = layer max)")
         figure.colorbar(image, ax=axis, fraction=0.02)
     figure.tight_layout()
-    try:
-        with atomic_file(path, force=force) as temp:
-            figure.savefig(temp, dpi=120, format="png")
-    finally:
-        plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path, force=force)

@@ -2,8 +2,9 @@
 umask permissions, never a partial output) and mmedit's artifact files (trace statistics, neuron paths):
 safetensors + one JSON header, read back with one clear error for anything that is not the kind asked.
 
-    with atomic_file("out.png", force=False) as temp:    # write temp; it is renamed over out.png on exit
-        figure.savefig(temp)
+    with atomic_file("out.json", force=False) as temp:   # write temp; it is renamed over out.json on exit
+        temp.write_text(text)
+    save_figure(figure, "plot.png", force=False)         # a matplotlib figure, written so and closed
     with atomic_dir("tiny-llava", force=True) as temp:   # fill temp; it replaces tiny-llava in one rename
         model.save_pretrained(temp)
 """
@@ -123,6 +124,20 @@ def atomic_dir(path: str | Path, *, force: bool = False) -> Iterator[Path]:
         raise _one_line(error, path) from error
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def save_figure(figure, path: str | Path, *, force: bool = False, dpi: int = 120) -> Path:
+    """Write a matplotlib figure through atomic_file (format from the suffix, PNG by default) and close it,
+    written or not."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_file(path, force=force) as temp:
+            figure.savefig(temp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(figure)
+    return path
 
 
 def swap_dir(new: Path, target: Path) -> None:

@@ -4,7 +4,6 @@ against an independent transcription of its paper's formula, at a point where θ
 computed on the wrong model, with the wrong sign or in the wrong direction gives another number)."""
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch

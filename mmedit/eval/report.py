@@ -14,7 +14,7 @@ from rich.table import Table
 
 from mmedit.errors import MmeditError
 from mmedit.eval import metrics
-from mmedit.safefile import atomic_file
+from mmedit.safefile import atomic_file, save_figure
 
 BASE = "base"
 HEADLINE = "choice_acc"  # the metric the plot puts on its axes
@@ -118,9 +118,4 @@ def plot(results: dict[str, dict], path: str | Path, metric: str = HEADLINE, for
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
     figure.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(labels) / 3), 1, 1))
-    try:
-        with atomic_file(path, force=force) as temp:
-            figure.savefig(temp, dpi=110, format="png")
-    finally:
-        plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path, force=force, dpi=110)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from mmedit.safefile import atomic_file
+from mmedit.safefile import save_figure
 
 
 def summary(scores: Mapping, selection) -> dict:
@@ -66,20 +66,15 @@ def plot(summary: Mapping, path: str | Path) -> Path:
 
     parts = summary["selected"]
     figure, axes = plt.subplots(1, len(parts), figsize=(3 + 3.2 * len(parts), 3.4), squeeze=False)
-    try:
-        for axis, (part, info) in zip(axes[0], parts.items()):
-            layers = [layer["layer"] for layer in info["layers"]]
-            counts = [layer["selected"] for layer in info["layers"]]
-            axis.bar(layers, counts, color={"vision": "tab:blue", "projector": "tab:orange"}.get(part, "tab:green"))
-            axis.set_xlabel("layer")
-            axis.set_ylabel("selected neurons")
-            share = f"{info['neurons']} of {info['of']} ({100 * info['neurons'] / info['of']:.1f} %)"
-            axis.set_title(f"{part}: {'skipped' if info['skipped'] else share}")
-            axis.set_xticks(layers if len(layers) <= 16 else layers[:: max(1, len(layers) // 8)])
-        figure.suptitle("MANU selection per layer")
-        figure.tight_layout()
-        with atomic_file(path) as temporary:
-            figure.savefig(temporary, dpi=120, format="png")
-    finally:
-        plt.close(figure)
-    return Path(path)
+    for axis, (part, info) in zip(axes[0], parts.items()):
+        layers = [layer["layer"] for layer in info["layers"]]
+        counts = [layer["selected"] for layer in info["layers"]]
+        axis.bar(layers, counts, color={"vision": "tab:blue", "projector": "tab:orange"}.get(part, "tab:green"))
+        axis.set_xlabel("layer")
+        axis.set_ylabel("selected neurons")
+        share = f"{info['neurons']} of {info['of']} ({100 * info['neurons'] / info['of']:.1f} %)"
+        axis.set_title(f"{part}: {'skipped' if info['skipped'] else share}")
+        axis.set_xticks(layers if len(layers) <= 16 else layers[:: max(1, len(layers) // 8)])
+    figure.suptitle("MANU selection per layer")
+    figure.tight_layout()
+    return save_figure(figure, path)

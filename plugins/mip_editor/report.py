@@ -64,10 +64,4 @@ def plot_paths(paths: NeuronPaths, path: str | Path, force: bool = False) -> Pat
         axis.set_title(f"{part}: path neurons ({method.upper()}; size/colour = score / layer best; "
                        "line = best neuron per layer)")
     figure.tight_layout()
-    path = Path(path)
-    try:
-        with safefile.atomic_file(path, force=force) as temp:
-            figure.savefig(temp, dpi=120, format=path.suffix.lstrip(".") or "png")
-    finally:
-        plt.close(figure)
-    return path
+    return safefile.save_figure(figure, path, force=force)
