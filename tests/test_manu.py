@@ -487,12 +487,12 @@ def test_options_and_selection_table():
     assert [scoring.budget(a, 256) for a in (2, 5, 10, 0.1, 100)] == [5, 13, 26, 1, 256]
     entry = scoring.SiteScore("llm.0", "llm", 0, torch.tensor([3.0, 1.0, 3.0, 0.5]), ("multimodal", "text"))
     other = dataclasses.replace(entry, site="llm.1", layer=1, score=torch.tensor([3.0, 9.0]))
-    selection = scoring.select({"llm.0": entry, "llm.1": other}, 50)  # 3 of 6; the tie at 3.0 keeps site order
-    assert {k: v.tolist() for k, v in selection.chosen.items()} == {"llm.0": [0, 2], "llm.1": [1]}
-    assert selection.skipped == {}
+    selection = scoring.select({"llm.0": entry, "llm.1": other}, 67)  # 4 of 6: 9 and the three 3.0s
+    assert {k: v.tolist() for k, v in selection.chosen.items()} == {"llm.0": [0, 2], "llm.1": [0, 1]}
+    assert selection.skipped == {} and selection.ties == {}
     summary = report.summary({"llm.0": entry, "llm.1": other}, selection)
-    assert summary["selected"]["llm"]["neurons"] == 3 and summary["selected"]["llm"]["threshold"] == 3.0
-    assert [layer["selected"] for layer in summary["selected"]["llm"]["layers"]] == [2, 1]
+    assert summary["selected"]["llm"]["neurons"] == 4 and summary["selected"]["llm"]["threshold"] == 3.0
+    assert [layer["selected"] for layer in summary["selected"]["llm"]["layers"]] == [2, 2]
     assert math.isclose(summary["selected"]["llm"]["layers"][1]["max_score"], 9.0)
     assert report.table(summary).row_count == 3 and report.table(summary).caption is None
 
@@ -509,9 +509,9 @@ def test_a_pool_of_equal_scores_is_skipped_never_cut_by_index():
     constant_layer = scoring.SiteScore("llm.1", "llm", 1, torch.full((4,), 7.0), ("text",))
     scores = {"vision.0": flat, "llm.0": varied, "llm.1": constant_layer}
     # Per part: vision has only zeros -> skipped; the LLM pool (one constant layer among others) is ranked.
-    selection = scoring.select(scores, 25)
-    assert {k: v.tolist() for k, v in selection.chosen.items()} == {"llm.1": [0, 1]}
-    assert selection.skipped == {"vision": "all 6 scores equal 0"}
+    selection = scoring.select(scores, 50)
+    assert {k: v.tolist() for k, v in selection.chosen.items()} == {"llm.1": [0, 1, 2, 3]}
+    assert selection.skipped == {"vision": "all 6 scores equal 0"} and selection.ties == {}
     summary = report.summary(scores, selection)
     assert summary["selected"]["vision"]["skipped"] == "all 6 scores equal 0"
     assert summary["selected"]["vision"]["neurons"] == 0 and summary["selected"]["llm"]["skipped"] is None
@@ -524,6 +524,16 @@ def test_a_pool_of_equal_scores_is_skipped_never_cut_by_index():
     layers = report.summary(scores, by_layer)["selected"]["llm"]["layers"]
     assert [layer["skipped"] for layer in layers] == [None, "all 4 scores equal 7"]
     assert "llm.1 (all 4 scores equal 7)" in rendered(report.table(report.summary(scores, by_layer)))
+    # A tie across the cut is never broken by index: at 25 % (2 of 8) the four 7s tie across the cut and
+    # nothing scores above them, so the LLM pool is skipped; with a 9 above them only the 9 is chosen.
+    with pytest.raises(MmeditError, match="llm: 4 neurons tie at 7 across the cut of 2, none above"):
+        scoring.select(scores, 25)
+    above = scoring.SiteScore("llm.2", "llm", 2, torch.tensor([9.0, 0.0, 0.0, 0.0]), ("text",))
+    partial = scoring.select({"llm.0": varied, "llm.1": constant_layer, "llm.2": above}, 25)
+    assert {k: v.tolist() for k, v in partial.chosen.items()} == {"llm.2": [0]}
+    assert partial.ties == {"llm": "4 neurons tie at 7 across the cut of 3, left out"}
+    shown = rendered(report.table(report.summary({"llm.0": varied, "llm.1": constant_layer, "llm.2": above}, partial)))
+    assert "not cut by index: llm: 4 neurons tie at 7 across the cut of 3, left out" in " ".join(shown.split())
     # Nothing can be selected anywhere: one error naming every pool.
     with pytest.raises(MmeditError, match="nothing to select.*vision: all 6 scores equal 0; llm: all 4 scores equal 7"):
         scoring.select({"vision.0": flat, "llm.1": constant_layer}, 25)

@@ -10,7 +10,8 @@
    S = sum_k w_k (F_k / (R_k + 1e-5) - 1) on one form's statistics (LLM: text-only; vision and
    projector: multimodal), no comparison of the forms.
 3. Select the top alpha % by S over all layers of each part (vision, projector, llm), or in each layer.
-   A part (layer) whose scores are all equal is skipped and reported, never cut by neuron index.
+   A part (layer) whose scores are all equal is skipped and reported, never cut by neuron index; neurons
+   tied across the cut are left out together (reported as ties).
 4. Prune: zero the slices of the producing parameters (fc1 rows and bias, gate_proj + up_proj rows and
    biases, as the family's ModelMap names them); the selected neurons are then exactly zero on every
    input, and the delta stores only row indices and the old rows. `soft=DECAY` multiplies each

@@ -17,12 +17,14 @@ def summary(scores: Mapping, selection) -> dict:
 
     threshold: the smallest score S among the part's selected neurons; max_score: the layer's largest S;
     forms: the forms whose statistics the part's scores read; skipped: why the part (or, with
-    within=layer, the layer) had nothing selected (all its scores equal), else None."""
+    within=layer, the layer) had nothing selected (all its scores equal, or tied above the cut), else None;
+    ties: how many neurons tied across the cut were left out, else None."""
     parts: dict[str, dict] = {}
     for name, entry in scores.items():
         picked = selection.chosen.get(name, torch.empty(0, dtype=torch.int64))
         part = parts.setdefault(entry.part, {"neurons": 0, "of": 0, "threshold": None, "forms": list(entry.forms),
-                                             "skipped": selection.skipped.get(entry.part), "layers": []})
+                                             "skipped": selection.skipped.get(entry.part),
+                                             "ties": selection.ties.get(entry.part), "layers": []})
         part["neurons"] += picked.numel()
         part["of"] += entry.score.numel()
         if picked.numel():
@@ -30,7 +32,7 @@ def summary(scores: Mapping, selection) -> dict:
             part["threshold"] = low if part["threshold"] is None else min(part["threshold"], low)
         part["layers"].append({"layer": entry.layer, "site": name, "selected": picked.numel(),
                                "width": entry.score.numel(), "max_score": float(entry.score.max()),
-                               "skipped": selection.skipped.get(name)})
+                               "skipped": selection.skipped.get(name), "ties": selection.ties.get(name)})
     return {"selected": parts}
 
 
@@ -38,7 +40,7 @@ def table(summary: Mapping) -> Table:
     table = Table(title="MANU: neurons selected per layer (S: the preset's forget-vs-retain score)")
     for column in ("part", "site", "selected", "of", "%", "max S"):
         table.add_column(column, justify="left" if column in ("part", "site") else "right")
-    skipped = []
+    skipped, tied = [], []
     for part, info in summary["selected"].items():
         for index, layer in enumerate(info["layers"]):
             table.add_row(part if index == 0 else "", layer["site"],
@@ -46,14 +48,19 @@ def table(summary: Mapping) -> Table:
                           f"{100 * layer['selected'] / layer['width']:.1f}", f"{layer['max_score']:.3g}")
             if layer["skipped"]:
                 skipped.append(f"{layer['site']} ({layer['skipped']})")
+            if layer.get("ties"):
+                tied.append(f"{layer['site']}: {layer['ties']}")
         threshold = "-" if info["threshold"] is None else f"S >= {info['threshold']:.3g}"
         table.add_row("", f"[bold]{part} total[/]", f"[bold]{info['neurons']}[/]", str(info["of"]),
                       f"{100 * info['neurons'] / info['of']:.1f}", "skipped" if info["skipped"] else threshold,
                       end_section=True)
         if info["skipped"]:
             skipped.append(f"{part} ({info['skipped']})")
-    if skipped:
-        table.caption = "skipped, nothing selected: " + "; ".join(skipped)
+        if info.get("ties"):
+            tied.append(f"{part}: {info['ties']}")
+    notes = (["skipped, nothing selected: " + "; ".join(skipped)] if skipped else []) + \
+        (["not cut by index: " + "; ".join(tied)] if tied else [])
+    table.caption = "\n".join(notes) or None
     return table
 
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -202,14 +202,15 @@ def budget(alpha: float, total: int) -> int:
 class Selection:
     chosen: dict[str, torch.Tensor]  # site -> sorted int64 neuron indices (sites with none left out)
     skipped: dict[str, str]  # pool (a part, or a site with within="layer") -> why nothing was selected there
+    ties: dict[str, str] = field(default_factory=dict)  # pool -> neurons tied across the cut, left out
 
 
 def select(scores: Mapping[str, SiteScore], alpha: float, within: str = "part") -> Selection:
     """Top alpha % of neurons by S, over all sites of a part (within="part") or in each site ("layer").
 
-    Ties keep site order, then neuron order (a stable sort), so the choice is deterministic. A pool whose
-    scores are all equal (no data told its neurons apart) is skipped, never cut by index; an error when
-    every pool is."""
+    Ties are never broken by index: a pool whose scores are all equal (no data told its neurons apart) is
+    skipped; neurons whose score ties with the last one in the budget across the cut are all left out (the
+    pool gets fewer than alpha %, and `ties` says how many); an error when no pool has anything left."""
     if within not in ("part", "layer"):
         raise MmeditError(f"unknown selection scope {within!r}; use part or layer")
     pools: dict[str, list[SiteScore]] = {}
@@ -217,12 +218,23 @@ def select(scores: Mapping[str, SiteScore], alpha: float, within: str = "part") 
         pools.setdefault(entry.part if within == "part" else entry.site, []).append(entry)
     chosen: dict[str, torch.Tensor] = {}
     skipped: dict[str, str] = {}
+    ties: dict[str, str] = {}
     for pool, entries in pools.items():
         flat = torch.cat([entry.score for entry in entries])
         if bool((flat == flat[0]).all()):
             skipped[pool] = f"all {flat.numel()} scores equal {float(flat[0]):.6g}"
             continue
-        order = torch.sort(flat, descending=True, stable=True).indices[: budget(alpha, flat.numel())]
+        values, order = torch.sort(flat, descending=True, stable=True)
+        k = budget(alpha, flat.numel())
+        cut = values[k - 1]
+        order = order[:k]
+        if k < flat.numel() and bool(values[k] == cut):  # a tie across the cut: leave every tied neuron out
+            order = order[values[:k] > cut]
+            tied = f"{int((flat == cut).sum())} neurons tie at {float(cut):.6g} across the cut of {k}"
+            if not order.numel():
+                skipped[pool] = tied + ", none above"
+                continue
+            ties[pool] = tied + ", left out"
         start = 0
         for entry in entries:
             width = entry.score.numel()
@@ -232,6 +244,6 @@ def select(scores: Mapping[str, SiteScore], alpha: float, within: str = "part") 
             start += width
     if not chosen:
         reasons = "; ".join(f"{pool}: {why}" for pool, why in skipped.items())
-        raise MmeditError(f"manu: nothing to select, the scores of every {within} are all equal ({reasons}); "
+        raise MmeditError(f"manu: nothing to select, the scores of every {within} are all equal or tied ({reasons}); "
                           "the statistics do not tell the neurons apart")
-    return Selection(chosen, skipped)
+    return Selection(chosen, skipped, ties)
