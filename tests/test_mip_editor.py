@@ -571,3 +571,20 @@ def test_paths_cli_and_apply_stats(rows, tmp_path):
                                 "--out", str(tmp_path / "e.safetensors")])
     assert wrong.exit_code == 1 and "expected a paths file" in wrong.output and "got TraceStats" in wrong.output
     assert not (tmp_path / "e.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_the_pruned_producer_of_a_gated_neuron_is_up_proj_in_every_family(family):
+    """Pruning zeroes the last weight producer of a neuron (prune_producers). For a gated MLP,
+    act(gate) * up, that must be up_proj: with gate_proj zeroed too, or instead, RMisU would start at a
+    stationary point. The family data lists the producers; this pins their order for every family."""
+    from mmedit.plugins.mip_editor import prune_producers, weight_producers
+
+    model, _ = zoo.build(family)
+    for site in model_map(model).sites:
+        weights = [producer.param for producer in weight_producers(site)]
+        pruned = [producer.param for producer in prune_producers(site) if producer.param.endswith("weight")]
+        if any("gate_proj" in name for name in weights):
+            assert pruned == [name for name in weights if "up_proj" in name], (site.name, weights)
+        else:
+            assert pruned == weights[-1:], (site.name, weights)
