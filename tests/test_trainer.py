@@ -129,6 +129,17 @@ def test_an_infinite_loss_stops_the_run(llava, rows, restored):
         trainer(model, processor, rows, Probe(loss=infinite), max_steps=1).run()
 
 
+def test_a_non_finite_gradient_stops_the_run(llava, rows, restored):
+    model, processor = llava
+
+    def nan_gradient(t, step):  # a finite value (0 added) whose gradient is 0 * inf = nan
+        first = next(iter(t.selections["train"].masks))
+        return -t.forward(step.forget).nll + torch.sqrt(t.params[first].sum() * 0.0)
+
+    with pytest.raises(MmeditError, match="the gradient norm is nan at step 1"):
+        trainer(model, processor, rows, Probe(loss=nan_gradient), max_steps=1).run()
+
+
 def test_non_finite_weights_stop_the_run(llava, rows, monkeypatch, restored):
     model, processor = llava
     step = torch.optim.AdamW.step
