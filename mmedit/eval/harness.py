@@ -40,6 +40,7 @@ import torch
 from mmedit.data.batches import FORMS, IGNORE, make_batches, make_prompts
 from mmedit.data.rows import Row
 from mmedit.errors import MmeditError
+from mmedit.modelstate import preserved
 from mmedit.eval import metrics
 from mmedit.progress import track
 
@@ -139,15 +140,11 @@ def evaluate(model, processor, sets: dict[str, Sequence[Row]], *, forms: Sequenc
         raise MmeditError("nothing to evaluate: the sets are empty")
     total = sum(math.ceil(_units(kind, rows) / batch_size) for _, _, kind, rows in jobs)
     records: list[Record] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            steps = _run(model, processor, jobs, batch_size, max_new_tokens, records)
-            for _ in track(steps, description, total=total, enabled=progress):
-                pass
-    finally:
-        model.train(was_training)
+    with preserved(model, clear_grads=False), torch.no_grad():
+        model.eval()
+        steps = _run(model, processor, jobs, batch_size, max_new_tokens, records)
+        for _ in track(steps, description, total=total, enabled=progress):
+            pass
     return records
 
 

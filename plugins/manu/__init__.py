@@ -34,6 +34,7 @@ import torch
 
 from mmedit.data.batches import FORMS, make_batches
 from mmedit.errors import MmeditError
+from mmedit.modelstate import preserved
 from mmedit.plugins.base import Plugin, option, require, rows_sha256
 from mmedit.plugins.manu import report, scoring
 from mmedit.plugins.training import split_parts
@@ -89,15 +90,16 @@ def statistics(job, role: str, rows, config, parts):
     from mmedit.trace import TraceStats, trace
 
     def compute():
-        job.model.eval()
-
         def batches():
             for form in FORMS:
                 yield from make_batches(rows, job.processor, form, batch_size=config.batch_size, with_answer=True)
 
         meta = {"data": {"role": role, "rows": len(rows), "rows_sha256": rows_sha256(rows)}}
-        return trace(job.model, batches(), model_map=job.model_map, parts=parts, groups=(config.positions,),
-                     tau=config.tau, meta=meta, progress=job.progress, total=2 * -(-len(rows) // config.batch_size))
+        with preserved(job.model):
+            job.model.eval()
+            return trace(job.model, batches(), model_map=job.model_map, parts=parts, groups=(config.positions,),
+                         tau=config.tau, meta=meta, progress=job.progress,
+                         total=2 * -(-len(rows) // config.batch_size))
 
     return job.statistics(role, compute, {"parts": parts, "positions": config.positions, "tau": config.tau,
                                           "batch_size": config.batch_size}, TraceStats)
