@@ -88,6 +88,17 @@ def _config(name_or_path: str | Path, trust_remote_code: bool):
         raise MmeditError(f"cannot read the model config of {source}: {first_line(error)}") from None
 
 
+def _weights_only_safetensors(source: str) -> None:
+    """mmedit never unpickles: a local checkpoint whose weights exist only as pickle files is one clear error
+    naming the file (from_pretrained itself is called with use_safetensors=True)."""
+    path = Path(source)
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        pickles = sorted(item.name for item in path.iterdir() if item.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise MmeditError(f"{path}: weights only as pickle ({pickles[0]}); mmedit loads safetensors only "
+                              "(convert with the model's save_pretrained(safe_serialization=True) in a trusted setting)")
+
+
 def load(name_or_path: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
     """(model, processor) of a supported multimodal family, in eval mode."""
     from transformers import AutoModelForImageTextToText
@@ -98,7 +109,9 @@ def load(name_or_path: str | Path, device: str = "auto", dtype: str = "auto", tr
     source, options, config = _config(name_or_path, trust_remote_code)
     family(getattr(config, "model_type", None))  # unsupported families fail here, before any weights load
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, config=config, dtype=torch_dtype, **options)
+        _weights_only_safetensors(source)
+        model = AutoModelForImageTextToText.from_pretrained(source, config=config, dtype=torch_dtype,
+                                                            use_safetensors=True, **options)
         processor = _processor(source, config, options)
     except _LOAD_ERRORS as error:
         raise MmeditError(f"cannot load {source}: {first_line(error)}") from None
@@ -123,8 +136,9 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: str = "a
         raise MmeditError(f"{source}: architecture {name or '(none)'} is not in transformers "
                           f"{transformers.__version__} (pass --trust-remote-code if the checkpoint ships its code)")
     try:
+        _weights_only_safetensors(source)
         model, info = model_class.from_pretrained(source, config=config, dtype=torch_dtype, output_loading_info=True,
-                                                  **options)
+                                                  use_safetensors=True, **options)
     except _LOAD_ERRORS as error:
         raise MmeditError(f"cannot load {source}: {first_line(error)}") from None
     missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])

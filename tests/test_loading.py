@@ -87,3 +87,32 @@ def test_load_model_takes_any_architecture_and_refuses_what_it_cannot_build(llav
         load_model(tmp_path)
     with pytest.raises(MmeditError, match="model path not found"):
         load_model(tmp_path / "missing")
+
+
+class Tripwire:
+    """Unpickling this writes a file: proof that a pickle was loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_weights_are_never_loaded(llava, tmp_path):
+    """A checkpoint with only pytorch_model.bin (here a booby-trapped pickle) is one error line naming the
+    file, for both loaders and the CLI's merge; nothing is unpickled."""
+    import pickle
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(llava, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Tripwire(marker)))
+    for loader in (load, load_model):
+        with pytest.raises(MmeditError, match=r"weights only as pickle \(pytorch_model.bin\); mmedit loads "
+                                              "safetensors only") as error:
+            loader(folder, device="cpu")
+        assert "\n" not in str(error.value)
+    assert not marker.exists()
