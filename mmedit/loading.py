@@ -64,8 +64,9 @@ def _processor(source: str, config, options: dict):
 
 
 def _looks_local(name: str) -> bool:
-    """Hub ids are `name` or `owner/name`; anything else that is not on disk is a missing path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    """Hub ids are `owner/name`; anything else that is not on disk is a missing path (a typo such as `bse`
+    is said at once, never sent to the hub for half a minute of retries)."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or "\\" in name
 
 
 def _config(name_or_path: str | Path, trust_remote_code: bool):
@@ -78,7 +79,7 @@ def _config(name_or_path: str | Path, trust_remote_code: bool):
             raise MmeditError(f"not a model directory (no config.json): {path}")
         source = str(path)
     elif _looks_local(str(name_or_path)):
-        raise MmeditError(f"model path not found: {path}")
+        raise MmeditError(f"model path not found: {path} (no such folder; hub ids are owner/name)")
     else:
         source = str(name_or_path)
     options = dict(local_files_only=path.exists(), trust_remote_code=trust_remote_code)

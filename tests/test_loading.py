@@ -29,6 +29,7 @@ def test_errors_are_one_line(llava, tmp_path):
     cases = [
         ({"name_or_path": tmp_path / "missing"}, "model path not found"),
         ({"name_or_path": "./relative/missing"}, "model path not found"),
+        ({"name_or_path": "bse"}, r"model path not found: bse \(no such folder; hub ids are owner/name\)"),
         ({"name_or_path": tmp_path}, "not a model directory"),
         ({"name_or_path": llava, "dtype": "int8"}, "unknown dtype 'int8'"),
         ({"name_or_path": llava, "device": "tpu"}, "unknown device 'tpu'"),
