@@ -34,6 +34,9 @@ TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code to run (off by default).")
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+AllowNonfinite = Annotated[
+    bool, typer.Option("--allow-nonfinite", help="Accept deltas that put NaN/inf where the base is finite.")
+]
 Threads = Annotated[int, typer.Option(min=0, help=(
     "CPU threads for torch (0: torch's default, one per core). Small models on a busy machine run faster "
     "on 1."))]

@@ -9,12 +9,9 @@ from typing import Annotated
 import typer
 from rich.table import Column, Table
 
-from mmedit.cli.common import Device, Force, TrustRemoteCode, out, quiet_transformers, user_errors
+from mmedit.cli.common import AllowNonfinite, Device, Force, TrustRemoteCode, out, quiet_transformers, user_errors
 
 Deltas = Annotated[list[Path], typer.Argument(help="Delta files, in the order they are (or were) applied.")]
-AllowNonfinite = Annotated[
-    bool, typer.Option("--allow-nonfinite", help="Accept deltas that put NaN/inf where the base is finite.")
-]
 
 
 @user_errors

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import (Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, quiet_transformers,
+from mmedit.cli.common import (AllowNonfinite, Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, quiet_transformers,
                                user_errors)
 
 
@@ -40,6 +40,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward / generate call.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest generated answer, in tokens.")] = 16,
     letters: Annotated[bool, typer.Option("--letters/--no-letters", help="Also ask multiple choice as a lettered prompt (MLLMU-Bench style).")] = True,
+    allow_nonfinite: AllowNonfinite = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     threads: Threads = 0,
@@ -56,7 +57,7 @@ def eval_command(
     from mmedit.data import read_rows
     from mmedit.delta import Delta
     from mmedit.eval import report
-    from mmedit.eval.harness import evaluate, evaluate_edited, find_sets, select_people, summarise
+    from mmedit.eval.harness import applied, evaluate, evaluate_edited, find_sets, select_people, summarise
     from mmedit.provenance import library_versions, model_identity
     from mmedit.safefile import check_writable
 
@@ -67,11 +68,14 @@ def eval_command(
     loaded_deltas = [Delta.load(path) for path in deltas or []]  # a bad delta fails before the model loads
     quiet_transformers()
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
+    with applied(loaded, loaded_deltas, allow_nonfinite=allow_nonfinite):
+        pass  # the deltas fit this model (or one clear error) before the base model is evaluated
 
     options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, letters=letters)
     results = {report.BASE: summarise(evaluate(loaded, processor, sets, description="base model", **options))}
     if loaded_deltas:
-        records = evaluate_edited(loaded, processor, sets, loaded_deltas, description="edited model", **options)
+        records = evaluate_edited(loaded, processor, sets, loaded_deltas, allow_nonfinite=allow_nonfinite,
+                                  description="edited model", **options)
         results["edited"] = summarise(records)
     provenance = {
         "mmedit_version": __version__,

@@ -187,6 +187,31 @@ def test_eval_cli_bad_inputs_are_one_line_errors(fast, tmp_path):
         assert message in result.output and "Traceback" not in result.output
 
 
+def test_eval_cli_checks_that_the_deltas_fit_before_evaluating(fast, loaded, tmp_path, monkeypatch):
+    """A delta for another base model is refused before the (long) base evaluation starts; a delta that adds
+    NaN is refused with the eval command's own --allow-nonfinite named, and accepted with it."""
+    from mmedit.eval import harness
+
+    model, _ = loaded
+    weights = model.get_parameter(EMBEDDINGS).detach()
+    other = tmp_path / "other-base.safetensors"
+    Delta.from_changes({EMBEDDINGS: (weights + 1, weights)}, model=model).save(other)
+    evaluated = []
+    monkeypatch.setattr(harness, "evaluate", lambda *a, **k: evaluated.append(1) or [])
+    args = ["eval", str(fast.model), "--data", str(fast.data), "--out", str(tmp_path / "r.json")]
+    result = runner.invoke(app, [*args, "--delta", str(other)])
+    assert result.exit_code == 1 and "does not fit this model" in result.output and evaluated == []
+
+    poisoned = weights.clone()
+    poisoned[0, 0] = float("nan")
+    nan = tmp_path / "nan.safetensors"
+    Delta.from_changes({EMBEDDINGS: (weights, poisoned)}, model=model, allow_nonfinite=True).save(nan)
+    result = runner.invoke(app, [*args, "--delta", str(nan)])
+    assert result.exit_code == 1 and "--allow-nonfinite" in result.output and evaluated == []
+    result = runner.invoke(app, [*args, "--delta", str(nan), "--allow-nonfinite", "--force"])
+    assert result.exit_code == 0, result.output
+
+
 def test_report_compare_and_table():
     base = {"forget": {"Pure_Text": {"gen_acc": 0.8}}, "retain": {"Pure_Text": {"gen_acc": 0.5}}}
     edited = {"forget": {"Pure_Text": {"gen_acc": 0.2}}, "retain": {"Pure_Text": {"gen_acc": 0.4}}}

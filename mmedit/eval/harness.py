@@ -148,13 +148,22 @@ def evaluate(model, processor, sets: dict[str, Sequence[Row]], *, forms: Sequenc
     return records
 
 
-def evaluate_edited(model, processor, sets: dict[str, Sequence[Row]], deltas: Sequence, **options) -> list[Record]:
+def evaluate_edited(model, processor, sets: dict[str, Sequence[Row]], deltas: Sequence, *,
+                    allow_nonfinite: bool = False, **options) -> list[Record]:
     """`evaluate` with `deltas` (mmedit.Delta) applied in order; reverted in reverse order afterwards,
     also when something fails, so the model comes back bit for bit."""
+    with applied(model, deltas, allow_nonfinite=allow_nonfinite):
+        return evaluate(model, processor, sets, **options)
+
+
+@contextlib.contextmanager
+def applied(model, deltas: Sequence, *, allow_nonfinite: bool = False):
+    """`deltas` applied in order (each verified against the model), reverted last-first on exit. Entering
+    and leaving it at once checks that they fit, before any long evaluation."""
     with contextlib.ExitStack() as stack:
         for delta in deltas:
-            stack.enter_context(delta.applied(model))
-        return evaluate(model, processor, sets, **options)
+            stack.enter_context(delta.applied(model, allow_nonfinite=allow_nonfinite))
+        yield model
 
 
 def summarise(records: Iterable[Record]) -> dict[str, dict[str, dict[str, float]]]:
