@@ -1,7 +1,6 @@
 """`mmedit apply` (run an edit plugin, write its delta) and `mmedit plugins` (list them, show options)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +8,8 @@ import typer
 from rich.table import Table
 
 from mmedit.cli.common import Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, user_errors
-from mmedit.errors import MmeditError
+from mmedit.errors import MmeditError, first_line
+from mmedit.safefile import parse_json
 
 
 def parse_overrides(config_file: Path | None, settings: list[str]) -> dict[str, object]:
@@ -17,11 +17,10 @@ def parse_overrides(config_file: Path | None, settings: list[str]) -> dict[str, 
     overrides: dict[str, object] = {}
     if config_file is not None:
         try:
-            loaded = json.loads(config_file.read_text(encoding="utf-8"))
-        except OSError as error:
-            raise MmeditError(f"cannot read config file {config_file}: {error.strerror}") from None
-        except json.JSONDecodeError as error:
-            raise MmeditError(f"config file {config_file} is not valid JSON ({error.msg}, line {error.lineno})") from None
+            text = config_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise MmeditError(f"cannot read config file {config_file}: {first_line(error)}") from None
+        loaded = parse_json(text, f"config file {config_file}")
         if not isinstance(loaded, dict):
             raise MmeditError(f"config file {config_file} must hold a JSON object of options")
         overrides.update(loaded)

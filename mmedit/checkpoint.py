@@ -18,7 +18,7 @@ import torch
 from mmedit.delta import Delta, applied_stack
 from mmedit.errors import MmeditError, first_line
 from mmedit.loading import load_model
-from mmedit.safefile import atomic_dir, check_writable
+from mmedit.safefile import atomic_dir, check_writable, parse_json
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 _CARD_BEGIN = "\n<!-- mmedit deltas: begin -->\n"
@@ -140,12 +140,12 @@ def _read_card(source: Path) -> tuple[str | None, list[dict]]:
         return text, []
     readme, _, section = text.partition(_CARD_BEGIN)
     try:
-        record = json.loads(section.split("```json\n", 1)[1].split("\n```", 1)[0])
+        record = parse_json(section.split("```json\n", 1)[1].split("\n```", 1)[0], f"{path}: the mmedit deltas section")
         entries = list(record["deltas"])
         if not all(isinstance(entry["checksum"], str) and isinstance(entry["file"], str) for entry in entries):
             raise TypeError
         return (readme if record["readme_existed"] else None), entries
-    except (IndexError, KeyError, TypeError, json.JSONDecodeError):
+    except (IndexError, KeyError, TypeError):
         raise MmeditError(f"{path}: the mmedit deltas section is damaged; remove it by hand") from None
 
 

@@ -50,6 +50,17 @@ def _umask() -> int:
     return mask
 
 
+def parse_json(text: str, what: str):
+    """json.loads with one MmeditError naming `what` for malformed JSON, or JSON nested too deeply to read
+    (Python's parser recurses: 100k levels would be a RecursionError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MmeditError(f"{what} is not valid JSON ({error.msg}, line {error.lineno})") from None
+    except RecursionError:
+        raise MmeditError(f"{what} is not readable JSON (nested too deeply)") from None
+
+
 def check_writable(path: str | Path, force: bool = False) -> Path:
     """Refuse early what atomic_file/atomic_dir would refuse late: an existing `path` without force, or
     a parent folder that cannot take a new file."""
@@ -194,7 +205,7 @@ def load(path: str | Path, key: str, format: str, what: str) -> tuple[dict, dict
         raise MmeditError(f"{path}: not a readable safetensors file ({error})") from None
     if key not in metadata:
         raise MmeditError(f"{path}: not an mmedit {what} file (no '{key}' header)")
-    header = json.loads(metadata[key])
+    header = parse_json(metadata[key], f"{path}: the {what} header")
     if header.pop("format", None) != format:
         raise MmeditError(f"{path}: unsupported {what} format (this mmedit reads {format})")
     return header, tensors

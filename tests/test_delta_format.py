@@ -120,6 +120,8 @@ def test_save_refuses_to_overwrite(tmp_path):
     (lambda path: rewrite(path, text=lambda s: s.replace('"format_version": 1', '"format_version": 7')),
      "format version 7"),
     (lambda path: rewrite(path, text=lambda s: s[:-3]), "not valid JSON"),
+    (lambda path: rewrite(path, text=lambda s: s.replace('"format_version": 1', '"format_version": 1, "deep": '
+                                                                  + "[" * 100_000 + "]" * 100_000, 1)), "nested too deeply"),
     (lambda path: save_file({"weight": torch.zeros(2)}, path), "not an mmedit delta"),
     (lambda path: save_file({"weight": torch.zeros(2)}, path, metadata={"mmedit": '{"format": "x"}'}),
      "not an mmedit delta"),

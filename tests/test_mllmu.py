@@ -157,6 +157,7 @@ def test_image_paths_and_image_lists(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"biography": json.dumps({"Born": "Oslo"})}, "Name"),
     ({"biography": "{not json"}, "not valid JSON"),
+    ({"biography": "[" * 100_000 + "]" * 100_000}, "not readable JSON \\(nested too deeply\\)"),
     ({"image": {"bytes": b"not an image", "path": None}}, "not a readable image"),
     ({"image": {"bytes": None, "path": "missing.png"}}, "image not found"),
     ({"Classification_Task": {"Image_Textual_Questions": [_choice("q", "E")], "Pure_Text_Questions": []}},
@@ -170,6 +171,19 @@ def test_malformed_rows_fail_naming_file_and_row(tmp_path, overrides, message):
         read_parquet(path)
     text = str(caught.value)
     assert text.count(str(path)) == 1 and "row 1" in text and "'2'" in text and "\n" not in text
+
+
+def test_jsonl_that_is_not_utf8_or_nested_too_deep_is_one_line(tmp_path):
+    """Invalid UTF-8 and 100k levels of nesting in a JSONL set: one error naming the file (and line)."""
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"id": "caf\xe9"}\n')
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("\n" + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    for path, message in ((latin, r"latin.jsonl: not UTF-8 text \(invalid continuation byte at byte 11\)"),
+                          (deep, r"deep.jsonl:2 is not readable JSON \(nested too deeply\)")):
+        with pytest.raises(MmeditError, match=message) as caught:
+            read_rows(path)
+        assert "\n" not in str(caught.value)
 
 
 def test_bad_files(tmp_path):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mmedit.data.rows import Row, read_jsonl
 from mmedit.errors import MmeditError
-from mmedit.safefile import atomic_file
+from mmedit.safefile import atomic_file, parse_json
 
 LETTERS = ("A", "B", "C", "D")
 FORMS = ("Image_Textual", "Pure_Text")
@@ -215,10 +215,7 @@ def _options(question: dict, entry: str) -> tuple[tuple[str, ...], int]:
 def _json_field(record: dict, column: str):
     value = record.get(column)
     if isinstance(value, str):  # the hub's files store biography and metadata as JSON text
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as error:
-            raise MmeditError(f"field '{column}' is not valid JSON ({error.msg})") from None
+        return parse_json(value, f"field '{column}'")
     return value
 
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mmedit.errors import MmeditError
+from mmedit.safefile import parse_json
 
 TASKS = ("qa", "cloze")
 _REQUIRED = ("entity", "question", "text_question", "answer")
@@ -91,16 +92,15 @@ def read_jsonl(path: str | Path) -> list[Row]:
     if not path.is_file():
         raise MmeditError(f"data file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise MmeditError(f"{where}: not valid JSON ({error.msg})") from None
-            rows.append(_parse(record, where, path.parent.resolve()))
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError as error:
+        raise MmeditError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        rows.append(_parse(parse_json(line, where), where, path.parent.resolve()))
     if not rows:
         raise MmeditError(f"{path}: no rows")
     return rows

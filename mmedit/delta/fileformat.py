@@ -14,9 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mmedit.errors import MmeditError
-from mmedit.errors import first_line
-from mmedit.safefile import atomic_file
+from mmedit.errors import MmeditError, first_line
+from mmedit.safefile import atomic_file, parse_json
 
 FORMAT = "mmedit.delta"
 FORMAT_VERSION = 1
@@ -75,10 +74,7 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                           f"{first_line(error)}") from None
     if HEADER_KEY not in metadata:
         raise MmeditError(f"{path} is not an mmedit delta (no {HEADER_KEY!r} entry in its safetensors metadata)")
-    try:
-        header = json.loads(metadata[HEADER_KEY])
-    except json.JSONDecodeError:
-        raise MmeditError(f"{path} is corrupt: its mmedit header is not valid JSON") from None
+    header = parse_json(metadata[HEADER_KEY], f"{path} is corrupt: its mmedit header")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise MmeditError(f"{path} is not an mmedit delta (header format is not {FORMAT!r})")
     version = header.get("format_version")
