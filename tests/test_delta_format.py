@@ -110,6 +110,30 @@ def test_save_refuses_to_overwrite(tmp_path):
     assert Delta.load(delta.save(tmp_path / "new" / "d.safetensors")).checksum == delta.checksum  # folder made
 
 
+def resealed(path, edit):
+    """The delta file with its header edited and its checksum computed anew: valid as a file, wrong inside."""
+    header, tensors = fileformat.read(path)
+    edit(header)
+    header.pop("checksum")
+    fileformat.write(path, tensors, fileformat.seal(header, tensors), overwrite=True)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: next(iter(h["tensors"].values())).update(part={"evil": 1}), "is malformed \\(part \\{'evil': 1\\}"),
+    (lambda h: next(iter(h["tensors"].values())).update(part="llm", layer="one"), "is malformed \\(part 'llm', layer 'one'"),
+    (lambda h: next(iter(h["tensors"].values())).update(shape="big"), "is malformed \\(bad dtype or shape"),
+    (lambda h: h.update(tensors=[]), "has no tensor table"),
+])
+def test_resealed_headers_with_wrong_fields_are_refused(tmp_path, edit, message):
+    """A re-sealed delta (checksum right, fields wrong) is one clear error in Delta.load, which inspect, merge,
+    revert and eval all read through."""
+    path, _ = saved(tmp_path)
+    resealed(path, edit)
+    with pytest.raises(MmeditError, match=message) as error:
+        Delta.load(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda path: path.write_bytes(b"\x00" * 5), "not a readable safetensors"),
     (lambda path: path.write_bytes(path.read_bytes()[:-7]), "not a readable safetensors"),

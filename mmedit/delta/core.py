@@ -138,8 +138,14 @@ class Delta:
         changes = {name: Change.from_file(name, spec, tensors, str(path)) for name, spec in specs.items()}
         if tensors:
             raise MmeditError(f"{path} is corrupt: tensor {sorted(tensors)[0]!r} is not described by the header")
-        where = {name: (spec["part"], spec.get("layer")) if spec["part"] else None
-                 for name, spec in specs.items() if "part" in spec}
+        where = {}
+        for name, spec in specs.items():
+            if "part" in spec:
+                part, layer = spec["part"], spec.get("layer")
+                if not (part is None or isinstance(part, str)) or not (
+                        layer is None or (type(layer) is int and layer >= 0)):
+                    raise MmeditError(f"{path}: entry {name!r} is malformed (part {part!r}, layer {layer!r})")
+                where[name] = (part, layer) if part else None
         provenance = {key: value for key, value in header.items() if key not in WRITER_KEYS}
         delta = cls(changes, provenance, where=where, source=str(path))
         delta._checksum = header["checksum"]  # verified by fileformat.read
