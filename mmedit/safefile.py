@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import json
 import os
 import shutil
@@ -90,6 +91,37 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def _temp_prefix(path: Path) -> str:
+    """.NAME.PID. : a temp file or folder names the process writing it, so a later run can tell its own
+    kind's leftovers (a killed writer's) from a live writer's."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temps that writers of `path` killed mid-write (SIGKILL, power loss) left beside it: those
+    whose process is gone. A live writer's temp is left alone. Returns what was removed."""
+    removed = []
+    for item in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = item.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
+            removed.append(item)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temp path beside `path`; when the block ends it is fsynced, given umask permissions and
@@ -97,7 +129,8 @@ def atomic_file(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     errors other than MmeditError and KeyboardInterrupt become one MmeditError naming `path`."""
     path = check_writable(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(handle)
     temp = Path(temp)
     try:
@@ -122,7 +155,8 @@ def atomic_dir(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     if path.exists() and not path.is_dir():
         raise MmeditError(f"{path} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_stale_temps(path)
+    temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     try:
         yield temp
         _fsync_tree(temp)

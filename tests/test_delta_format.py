@@ -1,6 +1,7 @@
 """The delta file: encodings, header, checksum, the documented plain-Python reader, atomic writes and
 every kind of bad file."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -214,7 +215,14 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, how, status):
         assert "could not write" in result.stderr
         assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]  # temp file removed
     assert path.read_bytes() == before
-    Delta.load(path)
+    delta = Delta.load(path)
+    if how == "crash":  # the killed writer's temp file is left; the next write of the same file removes it
+        left = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert len(left) == 1 and left[0].name.startswith(f".{path.name}.")
+        live = tmp_path / f".{path.name}.{os.getpid()}.writing.tmp"  # a live writer's: kept
+        live.write_bytes(b"")
+        delta.save(path, overwrite=True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name])
 
 
 def test_provenance_must_be_json_and_not_reserved():
