@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from mmedit.data.batches import IGNORE
+
 
 def llava_model(hidden=512, layers=8):
     """A random LLaVA-shaped model: hidden 512 x 8 layers on each side is ~60M parameters."""
@@ -45,7 +47,7 @@ def batch_for(model, batch_size=4, text_tokens=48, device="cpu"):
     image_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     ids = torch.randint(0, 7000, (batch_size, image_tokens + text_tokens))
     ids[:, 1 : 1 + image_tokens] = model.config.image_token_id
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE)
     labels[:, -8:] = ids[:, -8:]
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
               "pixel_values": torch.randn(batch_size, 3, 112, 112)}

@@ -42,20 +42,27 @@ def _data(path: Path | None, role: str) -> tuple[list, dict]:
     return rows, {role: {"path": str(path), "sha256": file_sha256(path)}}
 
 
+def _stats_paths(settings: list[str]) -> dict[str, Path]:
+    """--stats KEY=PATH ... -> {key: path}, checked for syntax only."""
+    paths: dict[str, Path] = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        key = key.strip()
+        if not sep or not key or not value.strip():
+            raise MmeditError(f"--stats expects KEY=PATH (e.g. forget=forget.safetensors), got {setting!r}")
+        if key in paths:
+            raise MmeditError(f"--stats {key} given twice")
+        paths[key] = Path(value.strip())
+    return paths
+
+
 def _stats(settings: list[str]) -> tuple[dict, dict]:
     """--stats KEY=PATH -> ({key: TraceStats}, {"stats/key": {path, sha256}})."""
     from mmedit.provenance import file_sha256
     from mmedit.trace import TraceStats
 
     loaded, files = {}, {}
-    for setting in settings:
-        key, sep, value = setting.partition("=")
-        key = key.strip()
-        if not sep or not key or not value.strip():
-            raise MmeditError(f"--stats expects KEY=PATH (e.g. forget=forget.safetensors), got {setting!r}")
-        if key in loaded:
-            raise MmeditError(f"--stats {key} given twice")
-        path = Path(value.strip())
+    for key, path in _stats_paths(settings).items():
         loaded[key] = TraceStats.load(path) if _is_trace(path) else path
         files[f"stats/{key}"] = {"path": str(path), "sha256": file_sha256(path)}
     return loaded, files
@@ -104,7 +111,7 @@ def apply_command(
 
     overrides = parse_overrides(config, settings or [])
     get(plugin).configure(overrides)  # bad options fail before anything loads
-    get(plugin).check_stats_keys(setting.partition("=")[0].strip() for setting in stats or [])
+    get(plugin).check_stats_keys(_stats_paths(stats or []))
     if out_path.exists() and not force:
         raise MmeditError(f"{out_path} exists; pass --force to overwrite")
     forget_rows, files = _data(forget, "forget")

@@ -172,14 +172,13 @@ def atomic_dir(path: str | Path, *, force: bool = False) -> Iterator[Path]:
 
 
 def save_figure(figure, path: str | Path, *, force: bool = False, dpi: int = 120) -> Path:
-    """Write a matplotlib figure through atomic_file (format from the suffix, PNG by default) and close it,
-    written or not."""
+    """Write a matplotlib figure as PNG through atomic_file and close it, written or not."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     try:
         with atomic_file(path, force=force) as temp:
-            figure.savefig(temp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+            figure.savefig(temp, dpi=dpi, format="png")
     finally:
         plt.close(figure)
     return path

@@ -65,7 +65,8 @@ def apply_plugin(
     if memo is not None:  # statistics stay valid for this plugin, these weights, this seed and these data
         scope = (name, seed, _fingerprint(model), *(entry["sha256"] for entry in data.values()))
         memo = memo.setdefault(scope, {})
-    job = Job(model, processor, mapping, forget, retain, text_retain, seed, progress, original, stats or {}, memo)
+    job = Job(model, processor, mapping, forget, retain, text_retain, seed, progress, original, stats or {}, memo,
+              stats_keys=tuple(plugin.stats_keys))
     try:
         with preserved(model), torch.random.fork_rng(devices=_cuda_devices(model)):
             torch.manual_seed(seed)

@@ -62,6 +62,11 @@ class Plugin:
         (what was selected, how many steps...), stored in the delta's provenance."""
         raise NotImplementedError
 
+    def objectives(self, config) -> list:
+        """What the edit moves (mmedit.plugins.objectives.Objective), checked for every plugin by the
+        conformance suite with presets["conformance"] on tiny models. A TrainingPlugin must declare some."""
+        return []
+
     def report_table(self, report: dict):
         """A rich renderable of edit()'s report for `mmedit apply` to print (None: nothing to show).
         Plugins do not print themselves, so that callers such as `mmedit demo` stay quiet."""
@@ -161,6 +166,7 @@ class Job:
     stats: Mapping = field(default_factory=dict)  # precomputed TraceStats by key; see statistics()
     memo: dict | None = None  # this plugin's share of apply_plugin(memo=...); see statistics()
     sources: dict = field(default_factory=dict)  # key -> "precomputed", "computed" or "reused"
+    stats_keys: tuple | None = None  # the plugin's declared Plugin.stats_keys (None: not checked)
 
     def statistics(self, key: str, compute: Callable, depends_on: Mapping | None = None, kind: type | None = None):
         """Precomputed statistics passed as stats[key], else compute() (e.g. a mmedit.trace.trace run).
@@ -170,6 +176,9 @@ class Job:
         `depends_on`: every option the result depends on. Given that, and a memo (apply_plugin(memo=...),
         which is already specific to this plugin, base weights, seed and data), what compute() returns is
         kept and a later edit asking for the same key and options reuses it. Without it nothing is kept."""
+        if self.stats_keys is not None and key not in self.stats_keys:
+            raise MmeditError(f"statistics {key!r}: not in the plugin's stats_keys {list(self.stats_keys)} "
+                              "(a plugin bug: declare every key it reads, so that --stats can offer it)")
         if key in self.stats:
             value = self.stats[key]
             if kind is not None and not isinstance(value, kind):

@@ -374,10 +374,5 @@ class TrainingPlugin(Plugin):
     def loss(self, trainer: Trainer, step: Step) -> torch.Tensor:
         raise NotImplementedError
 
-    def objectives(self, config) -> list:
-        """What the method moves (mmedit.plugins.objectives.Objective): checked for every plugin by the
-        conformance suite, with presets["conformance"], on tiny models. A training plugin must declare some."""
-        return []
-
     def edit(self, job: Job, config) -> dict:
         return Trainer(job, config, self).run()

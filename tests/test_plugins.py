@@ -399,6 +399,7 @@ def test_memo_is_kept_per_plugin_and_only_with_declared_dependencies(llava, rows
     class Asks(Plugin):
         Config = BaselineConfig
         needs_retain = False
+        stats_keys = ("forget", "other")
         jobs: list = []
 
         def parts(self, config):
@@ -419,6 +420,10 @@ def test_memo_is_kept_per_plugin_and_only_with_declared_dependencies(llava, rows
     assert [r["value"] for r in reports] == ["asks_a", "asks_b", "asks_a"]
     assert [r["undeclared"] for r in reports] == ["asks_a 1", "asks_b 2", "asks_a 3"]  # recomputed every time
     assert [job.sources["forget"] for job in Asks.jobs] == ["computed", "computed", "reused"]
+    # A key the plugin does not declare in stats_keys is a plugin bug, said at once.
+    Asks.stats_keys = ("forget",)
+    with pytest.raises(MmeditError, match="statistics 'other': not in the plugin's stats_keys \\['forget'\\]"):
+        apply_plugin("asks_a", model, processor, rows[:2], [], progress=False)
 
 
 def test_mmunlearner_leaves_out_layers_no_gradient_reaches(rows):

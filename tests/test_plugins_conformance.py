@@ -135,12 +135,13 @@ def moves_declared_objectives(name: str, model, processor, rows) -> None:
     """A few steps with the plugin's "conformance" preset move each declared objective the declared way by
     its margin: measured on the base model, then with the delta applied (θ₀ = the base weights)."""
     plugin = get(name)
-    if not isinstance(plugin, TrainingPlugin):
-        return
     overrides = dict(plugin.presets.get("conformance", {}))
     config = plugin.configure(overrides)
     objectives = plugin.objectives(config)
-    assert objectives, f"{name}: a gradient method must declare the objectives it moves (objectives())"
+    assert objectives or not isinstance(plugin, TrainingPlugin), \
+        f"{name}: a gradient method must declare the objectives it moves (objectives())"
+    if not objectives:
+        return
     forget, retain = rows[:4], rows[4:]
     mapping, parts = model_map(model), set(plugin.parts(config))
     original = {n: p.detach().clone() for n, p in model.named_parameters() if (mapping.part_of(n) or (None,))[0] in parts}

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mmedit.errors import MmeditError
-from mmedit.safefile import parse_json
+from mmedit.safefile import atomic_file, parse_json
 
 TASKS = ("qa", "cloze")
 _REQUIRED = ("entity", "question", "text_question", "answer")
@@ -110,6 +110,6 @@ def write_jsonl(rows: list[Row], path: str | Path) -> None:
     """Write rows; image paths are stored relative to the file's folder."""
     path = Path(path)
     base = path.parent.resolve()
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row.to_json(base), ensure_ascii=False) + "\n")
+    text = "".join(json.dumps(row.to_json(base), ensure_ascii=False) + "\n" for row in rows)
+    with atomic_file(path, force=True) as temp:
+        temp.write_text(text, encoding="utf-8")

@@ -73,6 +73,17 @@ def plot(summary: Mapping, path: str | Path) -> Path:
 
     parts = summary["selected"]
     figure, axes = plt.subplots(1, len(parts), figsize=(3 + 3.2 * len(parts), 3.4), squeeze=False)
+    try:
+        _draw(axes, parts)
+    except BaseException:
+        plt.close(figure)
+        raise
+    figure.suptitle("MANU selection per layer")
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def _draw(axes, parts: Mapping) -> None:
     for axis, (part, info) in zip(axes[0], parts.items()):
         layers = [layer["layer"] for layer in info["layers"]]
         counts = [layer["selected"] for layer in info["layers"]]
@@ -82,6 +93,3 @@ def plot(summary: Mapping, path: str | Path) -> Path:
         share = f"{info['neurons']} of {info['of']} ({100 * info['neurons'] / info['of']:.1f} %)"
         axis.set_title(f"{part}: {'skipped' if info['skipped'] else share}")
         axis.set_xticks(layers if len(layers) <= 16 else layers[:: max(1, len(layers) // 8)])
-    figure.suptitle("MANU selection per layer")
-    figure.tight_layout()
-    return save_figure(figure, path)
