@@ -9,7 +9,7 @@ from rich.table import Table
 
 from mmedit.cli.common import Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, user_errors
 from mmedit.errors import MmeditError, first_line
-from mmedit.safefile import parse_json
+from mmedit.safefile import check_writable, parse_json
 
 
 def parse_overrides(config_file: Path | None, settings: list[str]) -> dict[str, object]:
@@ -112,8 +112,7 @@ def apply_command(
     overrides = parse_overrides(config, settings or [])
     get(plugin).configure(overrides)  # bad options fail before anything loads
     get(plugin).check_stats_keys(_stats_paths(stats or []))
-    if out_path.exists() and not force:
-        raise MmeditError(f"{out_path} exists; pass --force to overwrite")
+    check_writable(out_path, force)  # an existing or unwritable output fails before the plugin runs
     forget_rows, files = _data(forget, "forget")
     retain_rows, retain_file = _data(retain, "retain")
     text_rows, text_file = _data(text_retain, "text_retain")

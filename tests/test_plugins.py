@@ -343,7 +343,9 @@ def test_apply_cli(tmp_path, rows, model_dir):
         failed = runner.invoke(app, args)
         assert failed.exit_code == 1 and message in " ".join(failed.output.split()), failed.output
 
-    fails([*base, "--out", str(out)], "exists; pass --force")
+    fails([*base, "--out", str(out)], "already exists; pass --force")
+    (tmp_path / "file").write_text("not a folder")
+    fails([*base, "--out", str(tmp_path / "file" / "d.safetensors")], "is not a writable folder")
     fails([*base, "--set", "tau", "--out", str(tmp_path / "x")], "--set expects key=value, got 'tau'")
     fails([*base, "--set", "colour=red", "--out", str(tmp_path / "x")],
           "mmunlearner: unknown option 'colour'; options are lr=1e-05")
