@@ -66,7 +66,8 @@ def fisher(job, key: str, rows, form: str, names: list[str], batch_size: int):
             job.model.train()
             batches = make_batches(rows, job.processor, form, batch_size=batch_size)
             return trace(job.model, batches, model_map=job.model_map, parts=("llm",), groups=("all",),
-                         fisher_params=names, progress=job.progress, total=-(-len(rows) // batch_size))
+                         fisher_params=names, progress=job.progress, total=-(-len(rows) // batch_size),
+                         description=f"MMUnlearner: Fisher of the {key} rows ({form})")
 
     return job.statistics(key, compute, {"form": form, "params": names, "batch_size": batch_size}, TraceStats)
 

@@ -439,3 +439,24 @@ def test_mmunlearner_leaves_out_layers_no_gradient_reaches(rows):
     delta = apply_plugin("mmunlearner", model, processor, rows[:4], rows[4:8], {"max_steps": 2}, progress=False)
     assert delta.changes and not [name for name in delta.changes if name.startswith(dead + ".")]
     assert any(mapping.part_of(name)[0] == "vision" for name in delta.changes)
+
+
+def test_progress_bars_name_their_phase(llava, rows, monkeypatch):
+    """Each bar says what it is doing: MMUnlearner's three Fisher passes and its training are not all "tracing"."""
+    import mmedit.plugins.training as training
+    import mmedit.trace.tracer as tracer
+
+    labels = []
+
+    def spy(items, description, total=None, enabled=True):
+        labels.append(description)
+        yield from items
+
+    monkeypatch.setattr(tracer, "track", spy)
+    monkeypatch.setattr(training, "track", spy)
+    model, processor = llava
+    apply_plugin("mmunlearner", model, processor, rows[:4], rows[4:8], {"max_steps": "1"}, progress=True,
+                 text_retain_rows=rows[8:10])
+    assert labels == ["MMUnlearner: Fisher of the forget rows (multimodal)",
+                      "MMUnlearner: Fisher of the retain rows (multimodal)",
+                      "MMUnlearner: Fisher of the text rows (text)", "mmunlearner: training"]

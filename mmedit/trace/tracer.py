@@ -126,11 +126,13 @@ def trace(
     meta: dict | None = None,
     progress: bool = True,
     total: int | None = None,
+    description: str = "tracing",
 ) -> TraceStats:
     """Trace `batches` (mmedit.data.batches.Batch) and return their per-neuron statistics.
 
     grads: also record gradient statistics of the answer NLL at every site.
     fisher_params: parameter names whose squared batch gradients are accumulated (diagonal Fisher).
+    description: the progress bar's label (the phase a caller is in).
     """
     from mmedit.arch import model_map as build_map
 
@@ -154,7 +156,7 @@ def trace(
     dead: set[str] = set()
     batches_seen = {"multimodal": 0, "text": 0}
     with nnsight_view(model) as wrapped:
-        for batch in track(batches, "tracing", total=total, enabled=progress):
+        for batch in track(batches, description, total=total, enabled=progress):
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
             if need_backward and "labels" not in inputs:
                 raise MmeditError("gradients need answer labels: build batches with with_answer=True")

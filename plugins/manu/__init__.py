@@ -99,7 +99,7 @@ def statistics(job, role: str, rows, config, parts):
             job.model.eval()
             return trace(job.model, batches(), model_map=job.model_map, parts=parts, groups=(config.positions,),
                          tau=config.tau, meta=meta, progress=job.progress,
-                         total=2 * -(-len(rows) // config.batch_size))
+                         total=2 * -(-len(rows) // config.batch_size), description=f"MANU: tracing {role}")
 
     return job.statistics(role, compute, {"parts": parts, "positions": config.positions, "tau": config.tau,
                                           "batch_size": config.batch_size}, TraceStats)
