@@ -10,6 +10,7 @@ import typer
 from rich.table import Column, Table
 
 from mmedit.cli.common import AllowNonfinite, Device, Force, TrustRemoteCode, out, quiet_transformers, user_errors
+from mmedit.provenance import describe
 
 Deltas = Annotated[list[Path], typer.Argument(help="Delta files, in the order they are (or were) applied.")]
 
@@ -134,12 +135,9 @@ def _print_provenance(path: Path, header: dict) -> None:
     if base:
         revision = f" @ {base['revision']}" if base.get("revision") else ""
         out.print(f"base model: {base.get('name_or_path') or '?'} ({base.get('model_type') or '?'}){revision}")
-    for key in ("plugin", "seed"):
-        if key in header:
-            out.print(f"{key}: {header[key]}")
-    for key in ("config", "data"):
-        if header.get(key):
-            out.print(f"{key}: {json.dumps(header[key], sort_keys=True)}", highlight=False)
+    for key in ("plugin", "seed", "config", "data"):
+        if header.get(key) not in (None, {}, ""):
+            out.print(f"{key}: {describe(header[key])}", highlight=False, markup=False)
     libraries = header.get("libraries") or {}
     made = ", ".join(f"{name} {version}" for name, version in libraries.items()
                      if name != "mmedit" and version != "not installed")

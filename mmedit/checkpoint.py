@@ -18,6 +18,7 @@ import torch
 from mmedit.delta import Delta, applied_stack
 from mmedit.errors import MmeditError, first_line
 from mmedit.loading import load_model
+from mmedit.provenance import describe
 from mmedit.safefile import atomic_dir, check_writable, parse_json
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
@@ -159,7 +160,7 @@ def _card(readme: str | None, entries: list[dict]) -> str | None:
     if not entries:
         return readme
     rows = "\n".join(
-        f"| {number} | `{entry['file']}` | {entry.get('plugin', '-')} | {entry['counts']['tensors']} | "
+        f"| {number} | `{entry['file']}` | {describe(entry.get('plugin', '-'))} | {entry['counts']['tensors']} | "
         f"{entry['counts']['elements']:,} | `{entry['checksum'][:19]}…` |"
         for number, entry in enumerate(entries, 1)
     )

@@ -35,3 +35,22 @@ def model_identity(model) -> dict[str, str | None]:
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "revision": getattr(config, "_commit_hash", None),
     }
+
+
+def describe(value) -> str:
+    """A provenance field as people read it, not as a Python dict: a plugin record {name, version,
+    package} -> "ga 1.0 (mmedit==0.1.0)"; a data record {role: {rows, sha256}} -> "forget 150 rows
+    (sha256 a475d5d1…), …"; any other mapping -> "key=value, …" (nested mappings in braces)."""
+    if isinstance(value, dict):
+        if {"name", "version"} <= value.keys() and not value.keys() - {"name", "version", "package"}:
+            package = f" ({value['package']})" if value.get("package") else ""
+            return f"{value['name']} {value['version']}{package}"
+        if value and all(isinstance(item, dict) and "rows" in item for item in value.values()):
+            return ", ".join(f"{role} {item['rows']} rows" + (f" (sha256 {str(item['sha256'])[:8]}…)"
+                                                              if item.get("sha256") else "")
+                             for role, item in value.items())
+        return ", ".join(f"{key}={describe(item) if not isinstance(item, dict) else '{' + describe(item) + '}'}"
+                         for key, item in sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(describe(item) for item in value) + "]"
+    return str(value)

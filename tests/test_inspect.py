@@ -63,3 +63,26 @@ def test_the_base_model_the_delta_names_places_it(base, tmp_path):
     gone = _unplaced(base, tmp_path / "gone.safetensors", {"base_model": {"name_or_path": str(tmp_path / "moved")}})
     shown = CliRunner().invoke(app, ["inspect", str(gone)], terminal_width=200)  # named, but not on this machine
     assert shown.exit_code == 0 and _rows(shown.output) == {("other", "-"): 5}, shown.output
+
+
+def test_provenance_reads_as_text_not_python_dicts(base, tmp_path):
+    """inspect and the merged model card say "ga 1.0 (mmedit==0.1.0)", never "{'name': 'ga', ...}"."""
+    from mmedit.provenance import describe
+
+    provenance = {"plugin": {"name": "ga", "version": "1.0", "package": "mmedit==0.1.0"}, "seed": 3,
+                  "config": {"lr": 1e-05, "parts": "llm", "nested": {"k": 2}},
+                  "data": {"forget": {"rows": 150, "sha256": "a475d5d1fd98"}, "retain": {"rows": 9, "sha256": "b7"}}}
+    assert describe(provenance["plugin"]) == "ga 1.0 (mmedit==0.1.0)"
+    assert describe(provenance["config"]) == "lr=1e-05, nested={k=2}, parts=llm"
+    assert describe(provenance["data"]) == "forget 150 rows (sha256 a475d5d1…), retain 9 rows (sha256 b7…)"
+    weight = dict(load(base, device="cpu")[0].named_parameters())[UP].detach()
+    path = Delta.from_changes({UP: (weight, weight + 1)}, provenance=provenance).save(tmp_path / "d.safetensors")
+    shown = CliRunner().invoke(app, ["inspect", str(path)], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert "plugin: ga 1.0 (mmedit==0.1.0)" in shown.output and "config: lr=1e-05, nested={k=2}, parts=llm" in shown.output
+    assert "data: forget 150 rows" in shown.output and "{'" not in shown.output and '{"' not in shown.output
+    merged = CliRunner().invoke(app, ["merge", str(base), str(path), "--out", str(tmp_path / "m")])
+    assert merged.exit_code == 0, merged.output
+    card = (tmp_path / "m" / "README.md").read_text()
+    table = card.split("| # | delta |")[1].split("<details>")[0]
+    assert "| ga 1.0 (mmedit==0.1.0) |" in table and "{'" not in table
