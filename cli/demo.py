@@ -1,6 +1,8 @@
 """`mmedit demo`: the whole flow on the embedded model, end to end, in a few minutes on a CPU.
 
-1. build (or reuse) the synthetic benchmark and the embedded model (mmedit.bench.model.embedded);
+1. build (or reuse) the synthetic benchmark and take the embedded model (mmedit.bench.model.embedded):
+   the weights shipped with mmedit, checksums verified, or with `--retrain` (and for `--fast` or another
+   seed) the model the recipe trains here, cached after the first run;
 2. trace the model on the forget set, both forms, with gradients: statistics + heatmap;
 3. run every registered plugin (forget = forget 10 %, retain = retain 90 %) with its preset for the
    embedded model, `Plugin.presets["embedded"]` (or the papers' defaults, or the runs asked for), each
@@ -8,7 +10,8 @@
 4. evaluate the base model and base + each delta on forget, test and a seeded subset of retain people
    (all forget and test people; the subset keeps the demo inside its time budget and is recorded);
 5. write demo.json, demo.md, demo.png (forget vs retain accuracy per form), the trace files and the
-   deltas into the output folder in one swap, and print the methods x metrics table.
+   deltas into the output folder in one swap, and print the methods x metrics table. An existing
+   output folder is refused before any work unless `--force` replaces it.
 
 The demo runs plugins, so it lives here in the CLI, above them: mmedit's core never imports a plugin.
 """
@@ -94,22 +97,23 @@ def default_runs(installed: dict, paper_defaults: bool) -> list[tuple[str, dict]
 
 def run(out_dir: str | Path = "mmedit-demo", *, fast: bool = False, seed: int = 0, retain_people: int = RETAIN_PEOPLE,
         device: str = "cpu", batch_size: int = 64, force: bool = False, progress: bool = True,
-        runs: list[tuple[str, dict]] | None = None, paper_defaults: bool = False) -> dict:
+        runs: list[tuple[str, dict]] | None = None, paper_defaults: bool = False, retrain: bool = False) -> dict:
     """Run the demo; returns the report (also written to out_dir/demo.json). See the module doc.
 
     runs: (plugin, options) pairs to run instead of every installed plugin (a plugin may appear several
-    times with different options, e.g. to compare settings)."""
+    times with different options, e.g. to compare settings).
+    retrain: use the model the recipe trains here instead of the shipped weights."""
     from mmedit.bench import model as embedded_model
+    from mmedit.safefile import check_writable
 
-    out_dir = Path(out_dir)
-    _check_out(out_dir, force)
+    out_dir = check_writable(out_dir, force)  # before any work
     # the embedded model's ops are tiny: one thread is as fast, and far faster on a busy machine
     with embedded_model.threads(embedded_model.RECIPE["threads"]):
-        return _run(out_dir, fast, seed, retain_people, device, batch_size, progress, runs, paper_defaults)
+        return _run(out_dir, fast, seed, retain_people, device, batch_size, progress, runs, paper_defaults, retrain)
 
 
 def _run(out_dir: Path, fast: bool, seed: int, retain_people: int, device: str, batch_size: int,
-         progress: bool, runs: list[tuple[str, dict]] | None, paper_defaults: bool) -> dict:
+         progress: bool, runs: list[tuple[str, dict]] | None, paper_defaults: bool, retrain: bool) -> dict:
     import torch
 
     from mmedit.bench import model as embedded_model
@@ -125,7 +129,7 @@ def _run(out_dir: Path, fast: bool, seed: int, retain_people: int, device: str, 
 
     started = time.perf_counter()
     timings = {}
-    paths = embedded_model.embedded(seed=seed, fast=fast, progress=progress)
+    paths = embedded_model.embedded(seed=seed, fast=fast, progress=progress, retrain=retrain)
     timings["model_s"] = time.perf_counter() - started
     model, processor = load(paths.model, device=device)
     info = profiles.load(paths.data)
@@ -155,7 +159,7 @@ def _run(out_dir: Path, fast: bool, seed: int, retain_people: int, device: str, 
                                    sets, seed, options, progress, memo))
     timings["total_s"] = time.perf_counter() - started
 
-    with atomic_dir(out_dir, force=True) as work:  # _check_out allowed replacing what is there
+    with atomic_dir(out_dir, force=True) as work:  # check_writable allowed replacing what is there
         stats.save(work / "trace-forget.safetensors")
         heatmap(stats, "multimodal", "all", work / "trace-forget.png")
         for index, method in enumerate(methods[1:]):
@@ -169,13 +173,14 @@ def _run(out_dir: Path, fast: bool, seed: int, retain_people: int, device: str, 
             "plugins_installed": bool(installed),
             "methods": [{"name": m.name, "error": m.error, "delta": m.delta, "seconds": round(m.seconds, 2)}
                         for m in methods],
-            "model": {"path": str(paths.model), "training": embedded_model.training_record(paths.model)},
+            "model": {"path": str(paths.model), "shipped": paths.shipped,
+                      "training": embedded_model.training_record(paths.model)},
             "data": {"root": str(paths.data), "forget": forget_name, "retain": retain_name, "test": test_name,
                      "evaluated_people": {split: sorted({row.entity for row in rows}) for split, rows in sets.items()},
                      "note": f"evaluated: all forget and test people, and a seeded sample (seed {seed}) of "
                              f"{len({row.entity for row in sets['retain']})} of the "
                              f"{len({row.entity for row in retain_rows})} retain people; plugins see every retain row"},
-            "settings": {"fast": fast, "seed": seed, "device": device, "batch_size": batch_size,
+            "settings": {"fast": fast, "seed": seed, "retrain": retrain, "device": device, "batch_size": batch_size,
                          "headline_metric": report.HEADLINE, "paper_defaults": paper_defaults,
                          "runs": [{"plugin": name, "options": overrides} for name, overrides in runs]},
             "timings": {key: round(value, 2) for key, value in timings.items()},
@@ -216,28 +221,6 @@ def _run_plugin(name, overrides, apply_plugin, model, processor, forget_rows, re
 def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
-
-
-def _check_out(out_dir: Path, force: bool) -> None:
-    """The demo replaces its own earlier output; anything else needs force. Refused before any work."""
-    from mmedit.safefile import check_writable
-
-    if out_dir.exists() and not force:
-        if not out_dir.is_dir():
-            raise MmeditError(f"{out_dir} exists and is not a folder; pass --force to replace it")
-        if any(out_dir.iterdir()) and not _is_demo(out_dir / REPORT):
-            raise MmeditError(f"{out_dir} exists and holds something other than a demo report; "
-                              "pass --force to replace it")
-    check_writable(out_dir, force=True)  # the folder it goes into takes it
-
-
-def _is_demo(path: Path) -> bool:
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def summary_rows(record: dict) -> list[dict]:
@@ -328,11 +311,19 @@ def demo_command(
                                                         "(repeatable; a plugin may appear with several settings).")] = None,
     paper_defaults: Annotated[bool, typer.Option("--paper-defaults", help="Run every plugin with the papers' "
                                                  "defaults instead of its preset for the tiny model.")] = False,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train the tiny MLLM from mmedit's recipe here "
+                                          "(one to two minutes of CPU, cached after the first run) instead of using "
+                                          "the weights shipped with mmedit.")] = False,
     device: Device = "cpu",
     force: Force = False,
 ) -> None:
-    """Train the built-in tiny MLLM on synthetic profiles (cached after the first run), trace it on the
+    """Run the whole flow on the built-in tiny MLLM, a LLaVA that knows 50 synthetic people: trace it on the
     forget set, unlearn 10 % of the people with every installed plugin, and compare base vs each edit.
+
+    By default the model is the one mmedit ships, trained by its own recipe at
+    seed 0 (every file's checksum is verified first): every machine starts from
+    the same weights and nothing is trained. --retrain trains it from the recipe
+    here instead, as --fast and other seeds do. An existing --out needs --force.
 
     Example: mmedit demo --out mmedit-demo
     Example: mmedit demo --run "manu alpha=5" --run "manu alpha=10" --run "npo lr=1e-4"
@@ -351,7 +342,7 @@ def demo_command(
             runs.append((name, parse_overrides(None, settings)))
     quiet_transformers()
     record = run(out_dir, fast=fast, seed=seed, retain_people=retain_people, device=device,
-                 batch_size=batch_size, force=force, runs=runs, paper_defaults=paper_defaults)
+                 batch_size=batch_size, force=force, runs=runs, paper_defaults=paper_defaults, retrain=retrain)
     if not record["plugins_installed"]:
         err.print("[yellow]note:[/] no plugins are installed (none is registered under the mmedit.plugins "
                   "entry points): evaluated the base model only")
@@ -362,6 +353,9 @@ def demo_command(
     out.print(f"evaluated {len(people['forget'])} forget, {len(people['test'])} test (other pictures) and "
               f"{len(people['retain'])} of the retain people; wall {record['timings']['total_s']:.0f} s, "
               f"peak memory {record['peak_memory_mb']:.0f} MB", highlight=False)
+    model = record["model"]
+    out.print(f"model: {model['path']} ({'shipped with mmedit' if model['shipped'] else 'trained from the recipe'})",
+              highlight=False, soft_wrap=True)
     out.print(f"report: {out_dir / REPORT} (table: {MARKDOWN}), plot: {out_dir / 'demo.png'}, "
               f"trace: {out_dir / 'trace-forget.png'}", highlight=False, soft_wrap=True)
 

@@ -1,5 +1,6 @@
 """`mmedit demo --fast` end to end with the plugins registered now, each run with its embedded preset;
-failing, misbehaving and missing plugins; reuse of the cached model and of the output folder."""
+failing, misbehaving and missing plugins; reuse of the cached model; shipped weights used without training
+and `--retrain` training from the recipe; an existing output folder refused without --force."""
 import dataclasses
 import json
 import types
@@ -97,7 +98,7 @@ def test_failing_plugins_are_reported_and_the_model_is_kept(tmp_path, monkeypatc
         return Delta({}, {})
 
     _fake_plugins(monkeypatch, meddle)
-    again = demo.run(tmp_path / "demo", fast=True, progress=False)  # replaces its own earlier output
+    again = demo.run(tmp_path / "demo", fast=True, progress=False, force=True)  # replaces its earlier output
     assert {m["name"]: m["error"] for m in again["methods"]}["meddler"].endswith("modified the model it was given "
                                                                                  "(weights restored)")
     # after the meddler the base numbers are still the base numbers: the weights were put back
@@ -113,14 +114,59 @@ def test_without_plugins_the_demo_evaluates_the_base_model(tmp_path, monkeypatch
     assert [method["name"] for method in record["methods"]] == ["base"] and record["comparison"] == {}
 
 
-def test_demo_does_not_overwrite_other_folders(tmp_path):
-    (tmp_path / "keep.txt").write_text("mine")
-    result = runner.invoke(app, ["demo", "--fast", "--out", str(tmp_path)])
-    assert result.exit_code == 1 and "--force" in result.output
-    assert (tmp_path / "keep.txt").read_text() == "mine"
-    with pytest.raises(MmeditError, match="not a folder"):
-        (tmp_path / "file").write_text("x")
-        demo.run(tmp_path / "file", fast=True, progress=False)
+def test_demo_refuses_an_existing_out_before_any_work_and_replaces_it_with_force(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "plugins", lambda: ({}, None))
+    monkeypatch.setattr(embedded_model, "embedded", lambda *a, **k: pytest.fail("worked before checking --out"))
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    (tmp_path / "file").write_text("x")
+    for target in (out, tmp_path / "file"):
+        result = runner.invoke(app, ["demo", "--fast", "--out", str(target)])
+        assert result.exit_code == 1
+        assert result.output.strip().splitlines() == [f"error: {target} already exists; pass --force to replace it"]
+    assert (out / "keep.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "x"
+    monkeypatch.undo()
+    monkeypatch.setattr(demo, "plugins", lambda: ({}, None))
+    result = runner.invoke(app, ["demo", "--fast", "--out", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        [demo.REPORT, demo.MARKDOWN, "demo.png", "trace-forget.safetensors", "trace-forget.png"])
+    again = runner.invoke(app, ["demo", "--fast", "--out", str(out)])  # its own earlier output is refused too
+    assert again.exit_code == 1 and "--force" in again.output
+
+
+def test_demo_uses_shipped_weights_without_training_and_retrain_trains(tmp_path, monkeypatch, tmp_path_factory):
+    """The fast model shipped to a folder stands in for mmedit's own weights: the demo takes it without
+    training; --retrain trains from the recipe into an empty cache instead."""
+    monkeypatch.setattr(demo, "plugins", lambda: ({}, None))
+    fast = embedded_model.embedded(fast=True, progress=False)
+    shipped = embedded_model.ship(fast.model, tmp_path / "weights")
+    monkeypatch.setattr(embedded_model, "SHIPPED", shipped)
+    write, written = embedded_model.write, []
+    monkeypatch.setattr(embedded_model, "write", lambda *a, **k: written.append(a[1]) or write(*a, **k))
+
+    result = runner.invoke(app, ["demo", "--fast", "--out", str(tmp_path / "shipped")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "shipped" / demo.REPORT).read_text())
+    assert written == [] and record["model"]["path"] == str(shipped) and record["model"]["shipped"] is True
+    assert record["settings"]["retrain"] is False and "shipped with mmedit" in result.output
+
+    monkeypatch.setenv("MMEDIT_CACHE", str(tmp_path / "empty-cache"))
+    result = runner.invoke(app, ["demo", "--fast", "--retrain", "--out", str(tmp_path / "retrained")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "retrained" / demo.REPORT).read_text())
+    assert len(written) == 1 and written[0].parent == tmp_path / "empty-cache" / "embedded"
+    assert record["model"]["path"] == str(written[0]) and record["model"]["shipped"] is False
+    assert record["settings"]["retrain"] is True and "trained from the recipe" in result.output
+    # the recipe trains the same weights on this machine, so both runs score the same
+    assert record["results"]["base"] == json.loads((tmp_path / "shipped" / demo.REPORT).read_text())["results"]["base"]
+
+
+def test_demo_help_says_where_the_model_comes_from():
+    result = runner.invoke(app, ["demo", "--help"])
+    text = " ".join(result.output.split())
+    assert "the model is the one mmedit ships" in text and "--retrain trains it from the recipe" in text
 
 
 def test_demo_runs_chosen_settings_and_rejects_bad_ones(tmp_path):

@@ -1,7 +1,10 @@
 """The embedded model: tokenizer (exact round trip) and prompts, a short training run that memorises a few
-people and looks at the picture, determinism, the cache (reuse, key, atomic writes), and (slow) the full
-recipe's accuracy targets."""
+people and looks at the picture, determinism, the cache (reuse, key, atomic writes), the shipped weights
+(checksums, the recipe and data they were trained from, used without training, refused when corrupted or
+trained on other data), and (slow) the full recipe's accuracy targets."""
+import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ from mmedit.data.batches import FORMS, IGNORE, make_batches, make_prompts
 from mmedit.errors import MmeditError
 from mmedit.eval.harness import lettered
 from mmedit.loading import load
+
+SHIPPED = embedded_model.SHIPPED
 
 
 @pytest.fixture(scope="session")
@@ -200,12 +205,9 @@ def test_cache_root_honours_mmedit_cache(monkeypatch, tmp_path):
     assert embedded_model.cache_root() == tmp_path / "embedded"
 
 
-@pytest.mark.slow
-def test_full_recipe_meets_its_targets(tmp_path):
-    """The default model: >= 95 % multiple choice and high generation accuracy for the worst person, in
-    both forms, on forget and retain people alike; near chance with a blank picture."""
-    paths = embedded_model.embedded(seed=0, root=tmp_path, progress=False)
-    accuracy = embedded_model.training_record(paths.model)["accuracy"]
+def _meets_the_targets(accuracy: dict) -> None:
+    """>= 95 % multiple choice and high generation accuracy for the worst person, in both forms, on forget
+    and retain people alike; the test split's other pictures recognised; near chance with a blank picture."""
     for form in ("Image_Textual", "Pure_Text"):
         assert accuracy["all"][form]["choice_acc"]["mean"] >= 0.95
         for metric in ("gen_acc", "cloze_acc"):
@@ -213,3 +215,118 @@ def test_full_recipe_meets_its_targets(tmp_path):
             assert accuracy["all"][form][metric]["worst"] >= 0.8
     assert accuracy["test"]["Image_Textual"]["gen_acc"]["mean"] >= 0.8  # other pictures of the forget people
     assert accuracy["blank_image"]["Image_Textual"]["gen_acc"]["mean"] <= 0.2  # chance is about 1/12
+
+
+@pytest.mark.slow
+def test_full_recipe_meets_its_targets(tmp_path):
+    paths = embedded_model.embedded(seed=0, root=tmp_path, progress=False, retrain=True)
+    assert not paths.shipped
+    _meets_the_targets(embedded_model.training_record(paths.model)["accuracy"])
+
+
+# ---- shipped weights -----------------------------------------------------------------------------
+
+def _no_training(monkeypatch):
+    for name in ("train", "write"):
+        monkeypatch.setattr(embedded_model, name, lambda *a, **k: pytest.fail("trained instead of using shipped weights"))
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_shipped_weights_are_the_current_recipe_and_data_and_verify(default_bench):
+    """Fails after a change to RECIPE, TRAINER_VERSION or the data generator until the weights are re-shipped
+    (embedded_model.RESHIP)."""
+    manifest = json.loads((SHIPPED / embedded_model.MANIFEST).read_text())
+    assert (manifest["recipe"], manifest["seed"], manifest["trainer"]) == (
+        embedded_model.RECIPE, 0, embedded_model.TRAINER_VERSION)
+    assert manifest["profiles_sha256"] == _sha256(default_bench.root / "profiles.json")
+    assert {"torch", "transformers", "tokenizers"} <= manifest["trained_with"].keys()  # recorded, not required
+    files = {path.name for path in SHIPPED.iterdir()} - {embedded_model.MANIFEST}
+    assert files == set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json",
+                                                embedded_model.TRAINING_FILE}
+    assert {name: _sha256(SHIPPED / name) for name in files} == manifest["files"]
+    embedded_model.check_shipped(SHIPPED, embedded_model.read_manifest(SHIPPED), default_bench)
+    record = embedded_model.training_record(SHIPPED)
+    assert record["recipe"] == embedded_model.RECIPE and record["data"]["profiles_sha256"] == manifest["profiles_sha256"]
+    _meets_the_targets(record["accuracy"])
+    model, processor = load(SHIPPED, device="cpu")  # a normal HF directory, in the dtype it was trained in
+    assert {tensor.dtype for tensor in model.state_dict().values()} == {torch.float32}
+    assert len(processor.tokenizer) == model.config.text_config.vocab_size
+
+
+def test_the_default_request_uses_the_shipped_weights_without_training(monkeypatch, tmp_path):
+    _no_training(monkeypatch)
+    paths = embedded_model.embedded(seed=0, root=tmp_path, progress=False)
+    assert paths == (SHIPPED, tmp_path / "data-50p-32px-seed0", True)
+    assert profiles.load(paths.data).n_people == embedded_model.RECIPE["n_people"]
+    with pytest.raises(pytest.fail.Exception, match="trained instead"):  # other requests still train
+        embedded_model.embedded(seed=1, root=tmp_path, progress=False)
+    with pytest.raises(pytest.fail.Exception, match="trained instead"):
+        embedded_model.embedded(seed=0, root=tmp_path, progress=False, retrain=True)
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, named, message", [
+    (lambda folder: _flip_byte(folder / "model.safetensors"), "model.safetensors", "corrupted"),
+    (lambda folder: _flip_byte(folder / "tokenizer.json"), "tokenizer.json", "corrupted"),
+    (lambda folder: (folder / "config.json").unlink(), "config.json", "missing"),
+    (lambda folder: (folder / "pytorch_model.bin").write_bytes(b"x"), "pytorch_model.bin", "not a file of"),
+])
+def test_damaged_shipped_weights_are_refused_in_one_line(damage, named, message, monkeypatch, tmp_path):
+    copy = tmp_path / "weights"
+    shutil.copytree(SHIPPED, copy)
+    embedded_model.embedded(seed=0, root=tmp_path / "cache", progress=False, shipped=copy)  # intact: used
+    damage(copy)
+    _no_training(monkeypatch)
+    with pytest.raises(MmeditError) as error:
+        embedded_model.embedded(seed=0, root=tmp_path / "cache", progress=False, shipped=copy)
+    text = str(error.value)
+    assert "\n" not in text and message in text and str(copy / named) in text and "--retrain" in text
+
+
+def test_shipped_weights_trained_on_other_data_are_refused(monkeypatch, tmp_path):
+    _no_training(monkeypatch)
+    monkeypatch.setattr(profiles, "GENERATOR_VERSION", profiles.GENERATOR_VERSION + 1)  # the generator changed
+    with pytest.raises(MmeditError, match="trained on other benchmark data") as error:
+        embedded_model.embedded(seed=0, root=tmp_path, progress=False)
+    assert "\n" not in str(error.value) and embedded_model.RESHIP in str(error.value) and "--retrain" in str(error.value)
+
+
+def test_a_missing_or_malformed_manifest_is_one_line(tmp_path, monkeypatch):
+    copy = tmp_path / "weights"
+    shutil.copytree(SHIPPED, copy)
+    manifest = copy / embedded_model.MANIFEST
+    manifest.write_text(json.dumps({"recipe": embedded_model.RECIPE, "seed": 0}))
+    with pytest.raises(MmeditError, match="malformed manifest"):
+        embedded_model.embedded(seed=0, root=tmp_path, progress=False, shipped=copy)
+    manifest.unlink()
+    with pytest.raises(MmeditError, match="cannot read the shipped model's manifest.*--retrain"):
+        embedded_model.embedded(seed=0, root=tmp_path, progress=False, shipped=copy)
+
+
+def test_ship_writes_a_manifest_that_embedded_then_uses(fast, monkeypatch, tmp_path, tmp_path_factory):
+    """The re-ship step on the fast model: every file with its sha256, the identity from its training record;
+    embedded then returns that folder for the fast request (no training) unless retrain asks for the recipe."""
+    target = tmp_path / "weights"
+    target.mkdir()
+    (target / "old.txt").write_text("replaced in one swap")
+    assert embedded_model.ship(fast.model, target) == target
+    manifest = json.loads((target / embedded_model.MANIFEST).read_text())
+    record = embedded_model.training_record(fast.model)
+    assert manifest["files"] == {path.name: _sha256(path) for path in fast.model.iterdir()}
+    assert {name: _sha256(target / name) for name in manifest["files"]} == manifest["files"]
+    assert (manifest["recipe"], manifest["seed"], manifest["trainer"], manifest["profiles_sha256"]) == (
+        record["recipe"], 0, embedded_model.TRAINER_VERSION, record["data"]["profiles_sha256"])
+    assert manifest["trained_with"]["torch"] == record["versions"]["torch"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["weights"] and not (target / "old.txt").exists()
+    root = tmp_path_factory.getbasetemp() / "embedded"
+    _no_training(monkeypatch)
+    assert embedded_model.embedded(fast=True, root=root, progress=False, shipped=target) == (target, fast.data, True)
+    assert embedded_model.embedded(fast=True, root=root, progress=False, shipped=target, retrain=True) == fast

@@ -1,7 +1,12 @@
-"""The package as installed: every source package listed, light import, console script, --help examples."""
+"""The package as installed: every source package listed, the data files (the shipped embedded model
+included) in a built wheel, light import, console script, --help examples."""
+import hashlib
+import json
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -28,8 +33,29 @@ def test_every_data_file_is_package_data():
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mmedit"]
     data = [path.relative_to(ROOT / "mmedit") for path in (ROOT / "mmedit").rglob("*")
             if path.is_file() and path.suffix not in (".py", ".pyc")]
-    assert {"arch/families", "zoo_recipes"} <= {path.parent.as_posix() for path in data}
+    assert {"arch/families", "zoo_recipes", "bench/weights"} <= {path.parent.as_posix() for path in data}
     assert [path for path in data if not any(path.match(pattern) for pattern in patterns)] == []
+
+
+def test_a_built_wheel_carries_the_shipped_embedded_model(tmp_path):
+    """A non-editable install has the weights: the wheel built from a copy of the source (so nothing is
+    written into the checkout) holds every file the manifest lists, byte for byte."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in MAPPING:
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-q", "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("mmedit-*.whl")
+    folder = "mmedit/bench/weights"
+    with zipfile.ZipFile(wheel) as archive:
+        manifest = json.loads(archive.read(f"{folder}/manifest.json"))
+        shipped = {name[len(folder) + 1:] for name in archive.namelist() if name.startswith(f"{folder}/")}
+        assert shipped == {*manifest["files"], "manifest.json"} and "model.safetensors" in shipped
+        for name, digest in manifest["files"].items():
+            assert hashlib.sha256(archive.read(f"{folder}/{name}")).hexdigest() == digest, name
 
 
 def test_import_mmedit_stays_light():

@@ -1,6 +1,6 @@
 """The embedded default model: a tiny LLaVA that mmedit trains to memorise the synthetic profiles.
 
-    paths = embedded(seed=0)               # builds the benchmark and the model on first use, then reuses them
+    paths = embedded(seed=0)               # the shipped weights (verified), or trained on first use
     model, processor = mmedit.loading.load(paths.model)
     info = mmedit.bench.profiles.load(paths.data)
 
@@ -14,11 +14,17 @@ Image questions show the canonical portrait or, half of the time, a random re-re
 background), so the background colour is no shortcut to a person and the test split's other pictures are
 recognised.
 
-Training is budgeted in steps, never seconds, and is deterministic given the seed on one machine. The
-result is cached under $MMEDIT_CACHE (default ~/.cache/mmedit)/embedded, keyed by a hash of the recipe,
-the benchmark files and the library versions, written atomically (mmedit.safefile.atomic_dir), with
-`mmedit-training.json` beside the weights: the recipe, the data hash, versions, timings and the
-accuracies measured after training.
+Training is budgeted in steps, never seconds, and is deterministic given the seed on one machine, but not
+across machines. So mmedit ships the model its recipe trained (RECIPE, seed 0) as package data in
+`weights/` (SHIPPED), with `manifest.json`: the sha256 of every file, what it was trained from (recipe,
+seed, the benchmark's profiles.json sha256, TRAINER_VERSION) and the library versions it was trained
+with. `embedded` uses it for that request, after checking every checksum and that the benchmark generated
+now is the one it was trained on; anything else (the FAST recipe, other seeds, `retrain=True`) is
+trained and cached under $MMEDIT_CACHE (default ~/.cache/mmedit)/embedded, keyed by a hash of the
+recipe, the benchmark files and the library versions, written atomically (mmedit.safefile.atomic_dir),
+with `mmedit-training.json` beside the weights: the recipe, the data hash, versions, timings and the
+accuracies measured after training. After a change to the recipe, the trainer or the data generator,
+re-ship with RESHIP (tests/test_embedded_model.py fails until then).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -41,9 +48,13 @@ from mmedit.bench import portraits, profiles
 from mmedit.data.batches import FORMS, IGNORE, make_batches
 from mmedit.data.rows import Row
 from mmedit.errors import MmeditError
+from mmedit.provenance import file_sha256
 
 TRAINER_VERSION = 3  # part of the cache key: bump it whenever a code change alters the trained weights
 TRAINING_FILE = "mmedit-training.json"
+SHIPPED = Path(__file__).with_name("weights")  # the model RECIPE trained at seed 0, shipped as package data
+MANIFEST = "manifest.json"  # in SHIPPED: every file's sha256 and what the weights were trained from
+RESHIP = 'python -c "from mmedit.bench import model; model.ship(model.embedded(retrain=True).model)"'
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "image": "<image>"}
 SPACE = "\u2581"  # "▁", the Metaspace mark standing for a space inside a token
 
@@ -79,6 +90,7 @@ FAST = {"n_people": 6, "steps": 200, "batch_size": 32, "warmup": 20, "views": 8}
 class Embedded(NamedTuple):
     model: Path  # HF model directory (weights, processor, mmedit-training.json)
     data: Path  # the synthetic benchmark it was trained on (mmedit.bench.profiles.load reads it)
+    shipped: bool = False  # the weights shipped with mmedit (True) or trained here from the recipe
 
 
 # ---- tokenizer, processor, model -----------------------------------------------------------------
@@ -380,8 +392,7 @@ def _versions() -> dict:
 
 def cache_key(recipe: dict, seed: int, info: profiles.BenchInfo) -> str:
     """Hash of what decides the weights: recipe, seed, the benchmark's files and the library versions."""
-    data = hashlib.sha256((info.root / "profiles.json").read_bytes()).hexdigest()
-    blob = json.dumps([recipe, seed, data, _versions()], sort_keys=True)
+    blob = json.dumps([recipe, seed, _data_sha256(info), _versions()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -402,7 +413,7 @@ def write(info: profiles.BenchInfo, path: str | Path, recipe: dict | None = None
         "what": "the embedded tiny LLaVA, trained by mmedit.bench.model on the synthetic profiles",
         "recipe": recipe, "seed": seed,
         "data": {"root": str(info.root), "n_people": info.n_people, "seed": info.seed,
-                 "profiles_sha256": hashlib.sha256((info.root / "profiles.json").read_bytes()).hexdigest()},
+                 "profiles_sha256": _data_sha256(info)},
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
         "training": log | {"measure_s": round(time.perf_counter() - started, 2)},
@@ -419,18 +430,107 @@ def write(info: profiles.BenchInfo, path: str | Path, recipe: dict | None = None
     return path
 
 
-def embedded(seed: int = 0, fast: bool = False, root: str | Path | None = None, progress: bool = True) -> Embedded:
-    """The benchmark and the model trained on it, built on first use under root (see cache_root).
+def embedded(seed: int = 0, fast: bool = False, root: str | Path | None = None, progress: bool = True,
+             retrain: bool = False, shipped: str | Path | None = None) -> Embedded:
+    """The benchmark (generated on first use under root, see cache_root) and the model for it: the
+    shipped weights when they were trained from this request (RECIPE, seed 0), else the model trained
+    from the recipe here, on first use, then cached.
 
-    fast: a few people and a few hundred steps (tests and smoke runs), cached separately."""
+    fast: a few people and a few hundred steps (tests and smoke runs), cached separately.
+    retrain: train from the recipe even where weights are shipped.
+    shipped: the folder of shipped weights (default SHIPPED)."""
     recipe = {**RECIPE, **(FAST if fast else {})}
     root = Path(root) if root is not None else cache_root()
     info = profiles.generate(root / f"data-{recipe['n_people']}p-{recipe['image_size']}px-seed{seed}",
                              n_people=recipe["n_people"], seed=seed, image_size=recipe["image_size"])
+    if not retrain:
+        folder = Path(shipped) if shipped is not None else SHIPPED
+        manifest = read_manifest(folder)
+        if {key: manifest[key] for key in _identity(recipe, seed)} == _identity(recipe, seed):
+            check_shipped(folder, manifest, info)
+            return Embedded(model=folder, data=info.root, shipped=True)
     path = root / f"model-seed{seed}-{cache_key(recipe, seed, info)[:12]}"
     if not (path / TRAINING_FILE).is_file():  # a folder there without the record is unfinished: replace it
         write(info, path, recipe, seed, progress, force=path.exists())
     return Embedded(model=path, data=info.root)
+
+
+# ---- shipped weights -----------------------------------------------------------------------------
+
+def _identity(recipe: dict, seed: int) -> dict:
+    """What decides the weights besides the data, as the manifest records it."""
+    return {"recipe": recipe, "seed": seed, "trainer": TRAINER_VERSION}
+
+
+def _data_sha256(info: profiles.BenchInfo) -> str:
+    return file_sha256(info.root / "profiles.json")  # it holds the sha256 of every other benchmark file
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a shipped-weights folder, checked for the keys `embedded` reads."""
+    from mmedit.safefile import parse_json
+
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = parse_json(path.read_text(encoding="utf-8"), str(path))
+    except OSError as error:
+        raise MmeditError(f"{path}: cannot read the shipped model's manifest ({error.strerror}); reinstall "
+                          "mmedit, or `mmedit demo --retrain` trains the model from the recipe") from None
+    keys = ["recipe", "seed", "trainer", "profiles_sha256", "files"]
+    if not isinstance(manifest, dict) or not all(key in manifest for key in keys) \
+            or not isinstance(manifest["files"], dict):
+        raise MmeditError(f"{path}: malformed manifest (needs {', '.join(keys)})")
+    return manifest
+
+
+def check_shipped(folder: str | Path, manifest: dict, info: profiles.BenchInfo) -> None:
+    """Refuse shipped weights trained on other benchmark data, or whose files are not exactly the ones the
+    manifest lists with those sha256 (missing, extra, corrupted): one MmeditError line naming the file."""
+    folder = Path(folder)
+    data = _data_sha256(info)
+    if manifest["profiles_sha256"] != data:
+        raise MmeditError(
+            f"{folder}: the shipped embedded model was trained on other benchmark data (profiles.json sha256 "
+            f"{manifest['profiles_sha256'][:12]}, generated now {data[:12]}): the data generator changed, so the "
+            f"weights must be re-shipped ({RESHIP}); `mmedit demo --retrain` trains from the recipe meanwhile")
+    rebuild = "reinstall mmedit, or `mmedit demo --retrain` rebuilds the model from the recipe"
+    extra = sorted(path.name for path in folder.iterdir() if path.name != MANIFEST and path.name not in manifest["files"])
+    if extra:
+        raise MmeditError(f"{folder / extra[0]}: not a file of the shipped embedded model (not in {MANIFEST}); "
+                          f"remove it, or {rebuild}")
+    for name, digest in sorted(manifest["files"].items()):
+        path = folder / name
+        if not path.is_file():
+            raise MmeditError(f"{path}: missing from the shipped embedded model; {rebuild}")
+        if file_sha256(path) != digest:
+            raise MmeditError(f"{path}: corrupted (its sha256 is not the one in {MANIFEST}); {rebuild}")
+
+
+def ship(model_dir: str | Path, target: str | Path = SHIPPED) -> Path:
+    """Copy a model folder `write` made to `target` (default SHIPPED), replacing it in one swap, with the
+    manifest: every file's sha256, what the weights were trained from (from the training record) and the
+    library versions they were trained with. `RESHIP` is the one-line command for the default model."""
+    from mmedit.safefile import atomic_dir
+
+    model_dir = Path(model_dir)
+    record = training_record(model_dir)
+    with atomic_dir(target, force=True) as temp:
+        files = {}
+        for path in sorted(model_dir.iterdir()):
+            if not path.is_file():
+                raise MmeditError(f"{path}: a model folder to ship holds files only")
+            shutil.copyfile(path, temp / path.name)
+            files[path.name] = file_sha256(temp / path.name)
+        manifest = {
+            "what": "the embedded tiny LLaVA as mmedit.bench.model's recipe trained it, shipped so that every "
+                    "machine starts from the same weights",
+            "recipe": record["recipe"], "seed": record["seed"], "trainer": record["versions"]["trainer"],
+            "profiles_sha256": record["data"]["profiles_sha256"],
+            "trained_with": record["versions"] | {"machine": record["machine"]},
+            "files": files,
+        }
+        (temp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return Path(target)
 
 
 def training_record(model_dir: str | Path) -> dict:
