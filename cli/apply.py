@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mmedit.cli.common import Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, user_errors
+from mmedit.cli.common import Device, Dtype, Force, ImageDir, Threads, TrustRemoteCode, load_model, out, user_errors
 from mmedit.errors import MmeditError, first_line
 from mmedit.safefile import check_writable, parse_json
 
@@ -32,13 +32,13 @@ def parse_overrides(config_file: Path | None, settings: list[str]) -> dict[str, 
     return overrides
 
 
-def _data(path: Path | None, role: str) -> tuple[list, dict]:
+def _data(path: Path | None, role: str, image_dir: Path | None) -> tuple[list, dict]:
     from mmedit.data import read_rows
     from mmedit.provenance import file_sha256
 
     if path is None:
         return [], {}
-    rows = read_rows(path)
+    rows = read_rows(path, image_dir)
     return rows, {role: {"path": str(path), "sha256": file_sha256(path)}}
 
 
@@ -97,6 +97,7 @@ def apply_command(
         "retain; mip_editor: paths, a file from `mmedit paths find`); the plugin skips "
         "that work."))] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice: same seed, same delta.")] = 0,
+    image_dir: ImageDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     threads: Threads = 0,
@@ -113,9 +114,9 @@ def apply_command(
     get(plugin).configure(overrides)  # bad options fail before anything loads
     get(plugin).check_stats_keys(_stats_paths(stats or []))
     check_writable(out_path, force)  # an existing or unwritable output fails before the plugin runs
-    forget_rows, files = _data(forget, "forget")
-    retain_rows, retain_file = _data(retain, "retain")
-    text_rows, text_file = _data(text_retain, "text_retain")
+    forget_rows, files = _data(forget, "forget", image_dir)
+    retain_rows, retain_file = _data(retain, "retain", image_dir)
+    text_rows, text_file = _data(text_retain, "text_retain", image_dir)
     traced, stats_files = _stats(stats or [])
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
     delta = apply_plugin(plugin, loaded, processor, forget_rows, retain_rows, overrides, seed=seed,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Annotated, Callable
 
 import typer
@@ -33,13 +34,17 @@ Dtype = Annotated[str, typer.Option(help="auto (as saved), float32, bfloat16 or 
 TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code to run (off by default).")
 ]
+ImageDir = Annotated[Path | None, typer.Option(
+    help="Where to extract the images embedded in parquet files (default: <file stem>.images/ beside each file; "
+         "set it when that folder is read-only).")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
 AllowNonfinite = Annotated[
     bool, typer.Option("--allow-nonfinite", help="Accept deltas that put NaN/inf where the base is finite.")
 ]
 Threads = Annotated[int, typer.Option(min=0, help=(
-    "CPU threads for torch (0: torch's default, one per core). Small models on a busy machine run faster "
-    "on 1."))]
+    "CPU threads for torch. 0 (default): one thread for a model under 20M parameters on the CPU (tiny models "
+    "run fastest so: their ops are too small to split), torch's default (one per core) otherwise."))]
+SMALL_MODEL = 20_000_000  # parameters below which one CPU thread beats several (BENCHMARKS.md "CPU threads")
 
 
 def quiet_transformers() -> None:
@@ -51,11 +56,15 @@ def quiet_transformers() -> None:
 
 
 def load_model(model: str, device: str, dtype: str, trust_remote_code: bool, threads: int = 0):
-    """(model, processor) for a command, after setting torch's CPU thread count (0 leaves torch's)."""
+    """(model, processor) for a command, with torch's CPU thread count set as `Threads` says."""
     import torch
 
     from mmedit.loading import load
 
     if threads:
         torch.set_num_threads(threads)
-    return load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded, processor = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    if not threads and next(loaded.parameters()).device.type == "cpu" and \
+            sum(p.numel() for p in loaded.parameters()) < SMALL_MODEL:
+        torch.set_num_threads(1)
+    return loaded, processor

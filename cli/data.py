@@ -8,9 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mmedit.cli.common import Force, out, user_errors
-
-ImageDir = Annotated[Path | None, typer.Option(help="Where to extract parquet images (default: beside the file).")]
+from mmedit.cli.common import Force, ImageDir, out, user_errors
 
 data_app = typer.Typer(name="data", help="Benchmark data: synthesise profiles, inspect JSONL / parquet sets.",
                        no_args_is_help=True)

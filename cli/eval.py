@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import (AllowNonfinite, Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, quiet_transformers,
+from mmedit.cli.common import (AllowNonfinite, Device, Dtype, Force, ImageDir, Threads, TrustRemoteCode, load_model, out, quiet_transformers,
                                user_errors)
 
 
@@ -41,6 +41,7 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest generated answer, in tokens.")] = 16,
     letters: Annotated[bool, typer.Option("--letters/--no-letters", help="Also ask multiple choice as a lettered prompt (MLLMU-Bench style).")] = True,
     allow_nonfinite: AllowNonfinite = False,
+    image_dir: ImageDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     threads: Threads = 0,
@@ -64,7 +65,7 @@ def eval_command(
     for path in filter(None, (out_path, plot)):  # refused before the evaluation, not after
         check_writable(path, force)
     files = find_sets(data, forget)
-    sets = {split: select_people(read_rows(path), limit_people, seed) for split, path in files.items()}
+    sets = {split: select_people(read_rows(path, image_dir), limit_people, seed) for split, path in files.items()}
     loaded_deltas = [Delta.load(path) for path in deltas or []]  # a bad delta fails before the model loads
     quiet_transformers()
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)

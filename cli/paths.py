@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import Device, Dtype, Force, Threads, TrustRemoteCode, load_model, out, user_errors
+from mmedit.cli.common import Device, Dtype, Force, ImageDir, Threads, TrustRemoteCode, load_model, out, user_errors
 from mmedit.errors import MmeditError
 from mmedit.safefile import check_writable
 
@@ -32,6 +32,7 @@ def find_command(
     batch_rows: Annotated[int, typer.Option(min=1, help="Rows (samples x steps) per traced pass.")] = 64,
     top: Annotated[int, typer.Option(min=0, help="Neurons per site in the printed table (0: no table).")] = 5,
     plot: Annotated[Path | None, typer.Option(help="Also write a PNG of the paths here.")] = None,
+    image_dir: ImageDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     threads: Threads = 0,
@@ -56,7 +57,7 @@ def find_command(
     for target in (out_path, plot):  # refuse before the search, not after it
         if target is not None:
             check_writable(target, force)
-    rows = read_rows(forget)
+    rows = read_rows(forget, image_dir)
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
     paths = find_paths(loaded, processor, rows, parts=SIDES[side], steps=steps, top_k=top_k, positions=positions,
                        batch_rows=batch_rows, progress=True)

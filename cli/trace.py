@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import (Device, Dtype, Force, Threads, TrustRemoteCode, err, load_model, out,
+from mmedit.cli.common import (Device, Dtype, Force, ImageDir, Threads, TrustRemoteCode, err, load_model, out,
                                user_errors)
 from mmedit.errors import MmeditError
 
@@ -34,6 +34,7 @@ def trace_command(
     top: Annotated[int, typer.Option(min=0, help="Neurons per site in the printed table (0: no table).")] = 5,
     plot: Annotated[Path | None, typer.Option(help="Also write a PNG heatmap of neuron importance here "
                                               "(an existing file needs --force).")] = None,
+    image_dir: ImageDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     threads: Threads = 0,
@@ -56,7 +57,7 @@ def trace_command(
     split_list(positions, GROUPS, "position group")
     for path in filter(None, (out_path, plot)):  # refused before minutes of tracing, not after
         check_writable(path, force)
-    rows = read_rows(data)[:limit]
+    rows = read_rows(data, image_dir)[:limit]
     if any(row.image is None for row in rows) and "multimodal" in form_list:
         raise MmeditError(f"{data}: some rows have no image; trace them with --forms text")
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)

@@ -71,9 +71,21 @@ def check_writable(path: str | Path, force: bool = False) -> Path:
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir() or not _can_create_in(parent):
         raise MmeditError(f"cannot write {path}: {parent} is not a writable folder")
     return path
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in `folder`, tried for real: os.access answers yes for root on a
+    folder root may not write (sysfs), and knows nothing of ACLs or network file systems."""
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".mmedit-probe.")
+    except OSError:
+        return False
+    os.close(handle)
+    os.unlink(probe)
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -117,3 +117,23 @@ def test_pickle_weights_are_never_loaded(llava, tmp_path):
             loader(folder, device="cpu")
         assert "\n" not in str(error.value)
     assert not marker.exists()
+
+
+def test_cli_thread_default_is_one_thread_for_small_models_on_cpu(llava, monkeypatch):
+    """--threads 0 (the default): 1 thread below SMALL_MODEL parameters on the CPU, torch's own above; a
+    number given is used as is."""
+    from mmedit.cli import common
+
+    default = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        common.load_model(str(llava), "cpu", "auto", False, threads=0)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setattr(common, "SMALL_MODEL", 10)  # the tiny model now counts as large
+        common.load_model(str(llava), "cpu", "auto", False, threads=0)
+        assert torch.get_num_threads() == 2
+        common.load_model(str(llava), "cpu", "auto", False, threads=3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(default)

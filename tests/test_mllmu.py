@@ -218,3 +218,47 @@ def test_cli_show_prints_rows_and_counts(bench, tmp_path):
         assert "counts" in result.output and "choice-0" in result.output
     result = runner.invoke(app, ["data", "show", str(tmp_path / "nope.jsonl")])
     assert result.exit_code == 1 and "not found" in result.output
+
+
+def _bomb(side: int) -> bytes:
+    """A small PNG whose header claims side x side pixels (a decompression bomb: PIL raises above 2 x 89M
+    pixels and only warns between 89M and that)."""
+    import struct
+    import zlib
+
+    data = bytearray(_png((1, 2, 3)))
+    header = struct.pack(">II", side, side) + bytes(data[24:29])  # IHDR: width, height, then the rest
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("side", [40_000, 10_000])
+def test_decompression_bomb_is_one_line_in_parquet_and_jsonl(tmp_path, side):
+    from mmedit.data.batches import _open_image  # where every multimodal batch opens its images
+    from mmedit.data.rows import write_jsonl
+
+    path = _write_hub_file(tmp_path / "bomb.parquet", [_profile(image={"bytes": _bomb(side), "path": "b.png"})])
+    with pytest.raises(MmeditError, match="row 0.*not a readable image.*decompression bomb") as caught:
+        read_parquet(path)
+    assert "\n" not in str(caught.value)
+    rows = read_parquet(_write_hub_file(tmp_path / "fine.parquet", [_profile()]))
+    (tmp_path / "bomb.png").write_bytes(_bomb(side))
+    write_jsonl([replace(rows[0], image=tmp_path / "bomb.png")], tmp_path / "bomb.jsonl")
+    with pytest.raises(MmeditError, match="cannot read image .*bomb.png.*decompression bomb") as caught:
+        _open_image(read_rows(tmp_path / "bomb.jsonl")[0])
+    assert "\n" not in str(caught.value)
+
+
+def test_a_bad_file_leaves_no_image_cache_behind(tmp_path):
+    """The <stem>.images/ folder a read creates goes again when a later row is bad; one that was there stays."""
+    path = _write_hub_file(tmp_path / "bad.parquet", [_profile(ID="1"), _profile(ID="2", biography="{not json")])
+    with pytest.raises(MmeditError, match="row 1"):
+        read_parquet(path)
+    assert not (tmp_path / "bad.images").exists()
+    (tmp_path / "bad.images").mkdir()
+    with pytest.raises(MmeditError, match="row 1"):
+        read_parquet(path)
+    assert (tmp_path / "bad.images").is_dir()  # not ours to remove
+    result = CliRunner().invoke(app, ["data", "show", str(path), "--image-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 1 and "row 1" in result.output and not (tmp_path / "cache").exists()

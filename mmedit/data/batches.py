@@ -12,6 +12,7 @@ the prompt's tokens must be a prefix of the full tokens; otherwise the answer po
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -64,9 +65,12 @@ def _open_image(row: Row):
     if row.image is None:
         raise MmeditError(f"{row.where}: row {row.id!r} has no image; use the text form for it")
     try:
-        with Image.open(row.image) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as error:  # missing, unreadable, truncated or not an image
+        with warnings.catch_warnings():  # PIL only warns between its pixel limit and twice that
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(row.image) as image:
+                return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # missing, unreadable, truncated, not an image, or a decompression bomb
         raise MmeditError(f"{row.where}: cannot read image {row.image}: {error}") from None
 
 

@@ -24,6 +24,8 @@ import hashlib
 import io
 import json
 import re
+import shutil
+import warnings
 from itertools import zip_longest
 from pathlib import Path
 
@@ -91,12 +93,15 @@ def read_parquet(path: str | Path, image_dir: str | Path | None = None,
     if missing:
         raise MmeditError(f"{path}: missing MLLMU-Bench column(s) {', '.join(missing)}")
     cache = Path(image_dir) if image_dir is not None else path.with_name(path.stem + ".images")
+    created = not cache.exists()  # a cache folder this call makes goes again if the file turns out bad
     rows = []
     for number, record in enumerate(table.to_pylist()):
         where = f"{path}:row {number}"
         try:
             rows.extend(_profile_rows(record, where, cache, path.parent, parts))
         except MmeditError as error:
+            if created:
+                shutil.rmtree(cache, ignore_errors=True)
             raise MmeditError(f"{where} (ID {record.get('ID')!r}): {error}") from None
     if not rows:
         raise MmeditError(f"{path}: no questions")
@@ -256,10 +261,13 @@ def _image_file(image, cache: Path, base: Path) -> Path:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            suffix = _IMAGE_FORMATS.get(opened.format, ".img")
-            opened.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        with warnings.catch_warnings():  # PIL only warns between its pixel limit and twice that
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as opened:
+                suffix = _IMAGE_FORMATS.get(opened.format, ".img")
+                opened.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as error:
         raise MmeditError(f"image bytes are not a readable image ({error})") from None
     file = (cache / (hashlib.sha256(data).hexdigest()[:32] + suffix)).resolve()
     if not file.is_file():  # named by content: an existing file already holds these bytes
