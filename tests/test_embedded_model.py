@@ -330,3 +330,9 @@ def test_ship_writes_a_manifest_that_embedded_then_uses(fast, monkeypatch, tmp_p
     _no_training(monkeypatch)
     assert embedded_model.embedded(fast=True, root=root, progress=False, shipped=target) == (target, fast.data, True)
     assert embedded_model.embedded(fast=True, root=root, progress=False, shipped=target, retrain=True) == fast
+    with monkeypatch.context() as patch:  # weights shipped by another trainer version are not this request's
+        patch.setattr(embedded_model, "TRAINER_VERSION", embedded_model.TRAINER_VERSION + 1)
+        with pytest.raises(pytest.fail.Exception, match="trained instead"):
+            embedded_model.embedded(fast=True, root=root, progress=False, shipped=target)
+    with pytest.raises(pytest.fail.Exception, match="trained instead"):  # nor another seed's
+        embedded_model.embedded(fast=True, seed=1, root=root, progress=False, shipped=target)
