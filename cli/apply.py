@@ -32,6 +32,16 @@ def parse_overrides(config_file: Path | None, settings: list[str]) -> dict[str, 
     return overrides
 
 
+def preset_options(plugin, preset: str | None) -> dict[str, object]:
+    """The options of `plugin`'s named preset (none: {})."""
+    if preset is None:
+        return {}
+    if preset not in plugin.presets:
+        known = ", ".join(plugin.presets) or "none"
+        raise MmeditError(f"{plugin.name} has no preset {preset!r}; its presets: {known}")
+    return dict(plugin.presets[preset])
+
+
 def _data(path: Path | None, role: str, image_dir: Path | None) -> tuple[list, dict]:
     from mmedit.data import read_rows
     from mmedit.provenance import file_sha256
@@ -92,6 +102,9 @@ def apply_command(
         help="Rows whose text-only form must be kept (MMUnlearner); default: the forget and retain rows.")] = None,
     settings: Annotated[list[str] | None, typer.Option("--set", help="Plugin option key=value (repeatable).")] = None,
     config: Annotated[Path | None, typer.Option(help="Plugin options as a JSON object; --set wins.")] = None,
+    preset: Annotated[str | None, typer.Option(help=(
+        "Start from one of the plugin's named option sets (`mmedit plugins NAME` lists them; embedded: the "
+        "settings tuned for mmedit's embedded model); --config and --set win."))] = None,
     stats: Annotated[list[str] | None, typer.Option("--stats", help=(
         "Precomputed statistics KEY=PATH from `mmedit trace` (repeatable; keys per plugin, e.g. manu: forget, "
         "retain; mip_editor: paths, a file from `mmedit paths find`); the plugin skips "
@@ -110,7 +123,7 @@ def apply_command(
     """
     from mmedit.plugins import apply_plugin, get
 
-    overrides = parse_overrides(config, settings or [])
+    overrides = preset_options(get(plugin), preset) | parse_overrides(config, settings or [])
     get(plugin).configure(overrides)  # bad options fail before anything loads
     get(plugin).check_stats_keys(_stats_paths(stats or []))
     check_writable(out_path, force)  # an existing or unwritable output fails before the plugin runs
@@ -158,6 +171,9 @@ def plugins_command(
         help_text = field.metadata["help"] + (f" [{' | '.join(map(str, choices))}]" if choices else "")
         table.add_row(field.name, str(field.default), help_text)
     out.print(table)
+    for preset, options in plugin.presets.items():
+        settings = " ".join(f"{key}={value}" for key, value in options.items()) or "(the defaults)"
+        out.print(f"preset {preset}: {settings}", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -29,7 +29,12 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (cuda when available).")]
+Device = Annotated[str, typer.Option(help="Where the model runs: cpu, cuda, cuda:N or auto (cuda when available).")]
+# merge, revert and diff only add or subtract stored values (no forward pass), the same bit for bit on any
+# device: they work on the CPU unless told otherwise, so that no GPU memory is taken for a file operation.
+WeightsDevice = Annotated[str, typer.Option(help=(
+    "Where the weights are added: cpu (default: no model runs, the result is the same bit for bit on any "
+    "device), cuda, cuda:N or auto."))]
 Dtype = Annotated[str, typer.Option(help="auto (as saved), float32, bfloat16 or float16.")]
 TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow a model's own Python code to run (off by default).")

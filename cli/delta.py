@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Column, Table
 
-from mmedit.cli.common import AllowNonfinite, Device, Force, TrustRemoteCode, out, quiet_transformers, user_errors
+from mmedit.cli.common import (AllowNonfinite, Force, TrustRemoteCode, WeightsDevice, out, quiet_transformers,
+                               user_errors)
 from mmedit.provenance import describe
 
 Deltas = Annotated[list[Path], typer.Argument(help="Delta files, in the order they are (or were) applied.")]
@@ -20,7 +21,7 @@ def merge_command(
     model: Annotated[str, typer.Argument(help="Base HF checkpoint directory (or hub id in the local cache).")],
     deltas: Deltas,
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the merged checkpoint.")],
-    device: Device = "cpu",
+    device: WeightsDevice = "cpu",
     allow_nonfinite: AllowNonfinite = False,
     trust_remote_code: TrustRemoteCode = False,
     force: Force = False,
@@ -43,7 +44,7 @@ def revert_command(
     deltas: Deltas,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Directory for the restored checkpoint.")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Replace MODEL_DIR (atomically) instead.")] = False,
-    device: Device = "cpu",
+    device: WeightsDevice = "cpu",
     trust_remote_code: TrustRemoteCode = False,
     force: Force = False,
 ) -> None:
@@ -64,7 +65,7 @@ def diff_command(
     base: Annotated[str, typer.Argument(help="Base checkpoint directory (or a .safetensors file).")],
     edited: Annotated[str, typer.Argument(help="Edited checkpoint of the same model (or a .safetensors file).")],
     out_path: Annotated[Path, typer.Option("--out", help="Delta file to write (.safetensors).")],
-    device: Device = "cpu",
+    device: WeightsDevice = "cpu",
     allow_nonfinite: AllowNonfinite = False,
     trust_remote_code: TrustRemoteCode = False,
     force: Force = False,
