@@ -119,7 +119,7 @@ def apply_command(
 ) -> None:
     """Run an edit plugin on MODEL and write the edit as a delta file; MODEL itself is never changed.
 
-    Example: mmedit apply mmunlearner ./tiny --forget forget10.jsonl --retain retain.jsonl --set tau=2 --out mmu.safetensors
+    Example: mmedit apply ga tiny --forget bench/forget10.jsonl --retain bench/retain90.jsonl --set lr=1e-3 --set max_steps=20 --out ga.safetensors
     """
     from mmedit.plugins import apply_plugin, get
 

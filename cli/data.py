@@ -28,7 +28,7 @@ def synth(
 
     Reuses the folder when it already holds the same benchmark.
 
-    Example: mmedit data synth --out bench --people 50 --seed 0
+    Example: mmedit data synth --out bench-small --people 10 --seed 1
     """
     from mmedit.bench.profiles import generate
 

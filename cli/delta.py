@@ -28,7 +28,7 @@ def merge_command(
 ) -> None:
     """Write MODEL with the deltas applied as a normal HF checkpoint; README.md records the deltas.
 
-    Example: mmedit merge ~/models/llava forget.safetensors --out llava-forgot
+    Example: mmedit merge tiny mip.safetensors --out tiny-forgot-mip
     """
     from mmedit.checkpoint import merge
 
@@ -50,7 +50,7 @@ def revert_command(
 ) -> None:
     """Undo `mmedit merge`: revert the deltas (listed as they were merged) and restore the weights bit for bit.
 
-    Example: mmedit revert llava-forgot forget.safetensors --out llava-again
+    Example: mmedit revert tiny-forgot-mip mip.safetensors --out tiny-again-mip
     """
     from mmedit.checkpoint import revert
 
@@ -72,7 +72,7 @@ def diff_command(
 ) -> None:
     """Turn two checkpoints (e.g. the output of another unlearning tool) into a small delta.
 
-    Example: mmedit diff ~/models/llava ~/runs/llava-npo --out npo.safetensors
+    Example: mmedit diff tiny tiny-forgot-mip --out mip-diff.safetensors
     """
     from mmedit.checkpoint import diff
     from mmedit.errors import MmeditError
@@ -98,8 +98,8 @@ def inspect_command(
 ) -> None:
     """Show a delta's provenance and what it touches per part and layer (checksum verified).
 
-    Example: mmedit inspect forget.safetensors --tensors
-    Example: mmedit inspect other-tool.safetensors --model ~/models/llava
+    Example: mmedit inspect mmu.safetensors --tensors
+    Example: mmedit inspect mip-diff.safetensors --model tiny
     """
     from mmedit.delta import Delta
 

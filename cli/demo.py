@@ -96,7 +96,7 @@ def default_runs(installed: dict, paper_defaults: bool) -> list[tuple[str, dict]
 
 
 def run(out_dir: str | Path = "mmedit-demo", *, fast: bool = False, seed: int = 0, retain_people: int = RETAIN_PEOPLE,
-        device: str = "cpu", batch_size: int = 64, force: bool = False, progress: bool = True,
+        device: str = "auto", batch_size: int = 64, force: bool = False, progress: bool = True,
         runs: list[tuple[str, dict]] | None = None, paper_defaults: bool = False, retrain: bool = False) -> dict:
     """Run the demo; returns the report (also written to out_dir/demo.json). See the module doc.
 
@@ -314,7 +314,7 @@ def demo_command(
     retrain: Annotated[bool, typer.Option("--retrain", help="Train the tiny MLLM from mmedit's recipe here "
                                           "(one to two minutes of CPU, cached after the first run) instead of using "
                                           "the weights shipped with mmedit.")] = False,
-    device: Device = "cpu",
+    device: Device = "auto",
     force: Force = False,
 ) -> None:
     """Run the whole flow on the built-in tiny MLLM, a LLaVA that knows 50 synthetic people: trace it on the

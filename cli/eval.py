@@ -52,7 +52,7 @@ def eval_command(
     the forget, test and retain sets, in the Image_Textual and Pure_Text forms, for the base model and
     (with --delta) the edited one; forgetting rate = 1 - edited/base, retention = edited/base.
 
-    Example: mmedit eval ~/.cache/mmedit/embedded/model-... --delta forget.safetensors --data bench --out report.json --plot report.png
+    Example: mmedit eval tiny --delta mip.safetensors --data bench --limit-people 3 --out mip.json
     """
     from mmedit import __version__
     from mmedit.data import read_rows

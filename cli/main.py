@@ -13,7 +13,7 @@ app = typer.Typer(
     name="mmedit",
     help=(
         "Exact, reversible neuron-level editing and unlearning for multimodal LLMs.\n\n"
-        "Example: mmedit demo   (trains a tiny MLLM on synthetic profiles, unlearns, evaluates)"
+        "Example: mmedit demo   (the shipped tiny MLLM: traces, unlearns, evaluates)"
     ),
     no_args_is_help=True,
     add_completion=False,

@@ -41,7 +41,7 @@ def find_command(
 ) -> None:
     """Search the influential neuron paths of the forget set and save them (reuse: apply --stats paths=FILE).
 
-    Example: mmedit paths find tiny-llava --forget bench/forget10.jsonl --out paths.safetensors --plot paths.png
+    Example: mmedit paths find tiny --forget bench/forget10.jsonl --side text --out text-paths.safetensors --plot text-paths.png
     """
     from mmedit.data import read_rows
     from mmedit.plugins.mip_editor import SIDES

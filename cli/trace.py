@@ -43,7 +43,7 @@ def trace_command(
 ) -> None:
     """Record per-neuron statistics across the vision encoder, projector and LLM.
 
-    Example: mmedit trace ~/.cache/mmedit/zoo/llava --data forget10.jsonl --grads --out forget.safetensors --plot forget.png
+    Example: mmedit trace tiny --data bench/retain90.jsonl --parts llm --limit 100 --out retain.safetensors
     """
     from mmedit.cli.trace_report import heatmap, top_table
     from mmedit.data import read_rows
