@@ -10,10 +10,11 @@ docs/writing-a-plugin.md. apply_plugin never leaves a change in the model passed
 from mmedit.plugins.apply import apply_plugin
 from mmedit.plugins.base import Job, Plugin, option, require
 from mmedit.plugins.objectives import Objective
+from mmedit.plugins.originals import Originals
 from mmedit.plugins.registry import GROUP, available, get
 from mmedit.plugins.training import (BaselineConfig, Output, Passes, Selection, Step, TrainConfig, Trainer,
                                      TrainingPlugin, interleaved, paired)
 
-__all__ = ["GROUP", "BaselineConfig", "Job", "Objective", "Output", "Passes", "Plugin", "Selection", "Step",
+__all__ = ["GROUP", "BaselineConfig", "Job", "Objective", "Originals", "Output", "Passes", "Plugin", "Selection", "Step",
            "TrainConfig", "Trainer", "TrainingPlugin", "apply_plugin", "available", "get", "interleaved", "option",
            "paired", "require"]

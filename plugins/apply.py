@@ -1,9 +1,11 @@
 """apply_plugin: run a plugin on a model and return its edit as a Delta, leaving the model as it was.
 
-The plugin edits the caller's model in place (no second copy of the weights); the declared parts are
-snapshotted first and written back bit for bit afterwards, on success and on error alike, together
-with train/eval modes, requires_grad flags and .grad. Tensors outside the declared parts are watched
-(storage and in-place version counter): a plugin that writes there is a bug and fails loudly.
+The plugin edits the caller's model in place (no second copy of the weights). What it changes is kept
+first (job.original, plugins/originals.py: only what the plugin keeps, or the declared parts whole for a
+plugin with keeps_originals=False; off the model's device) and written back bit for bit afterwards, on
+success and on error alike, together with train/eval modes, requires_grad flags and .grad. Tensors are
+watched (storage and in-place version counter): a plugin that writes outside its declared parts, or
+inside them without keeping first, is a bug and fails loudly.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from mmedit.errors import MmeditError
 from mmedit.modelstate import preserved
 from mmedit.plugins.base import Job, rows_sha256
+from mmedit.plugins.originals import Originals
 from mmedit.plugins.registry import get, package_of
 
 
@@ -58,7 +61,7 @@ def apply_plugin(
         raise MmeditError(f"{name}: declares parts {list(parts)}; parts are {', '.join(PARTS)}")
 
     declared = {n: p for n, p in model.named_parameters() if (mapping.part_of(n) or (None,))[0] in parts}
-    original = {n: p.detach().clone() for n, p in declared.items()}
+    original = Originals(declared)
     watched = _watch(model, declared)
     data = {key: {"rows": len(rows), "sha256": rows_sha256(rows)}
             for key, rows in (("forget", forget), ("retain", retain), ("text_retain", text_retain))}
@@ -68,6 +71,9 @@ def apply_plugin(
     job = Job(model, processor, mapping, forget, retain, text_retain, seed, progress, original, stats or {}, memo,
               stats_keys=tuple(plugin.stats_keys))
     try:
+        if not plugin.keeps_originals:
+            for n in declared:
+                original.keep(n)
         with preserved(model), torch.random.fork_rng(devices=_cuda_devices(model)):
             torch.manual_seed(seed)
             report = plugin.edit(job, config)
@@ -75,6 +81,10 @@ def apply_plugin(
         if moved:
             raise MmeditError(f"plugin {name} changed {moved[0]}, outside its declared parts {', '.join(parts)} "
                               "(a plugin bug: that tensor is not restored)")
+        unkept = original.unkept_changes()
+        if unkept:
+            raise MmeditError(f"plugin {name} changed {unkept[0]} without keeping its original values first "
+                              "(a plugin bug: call job.original.keep before changing; that tensor is not restored)")
         record = {
             "plugin": {"name": name, "version": plugin.version, "package": package_of(name)},
             "config": dataclasses.asdict(config),
@@ -83,12 +93,9 @@ def apply_plugin(
             "report": report or {},
         }
         record.update(provenance or {})
-        changes = {n: (original[n], p.detach()) for n, p in declared.items()}
-        return Delta.from_changes(changes, provenance=record, model=model)
+        return Delta.from_changes(original.changes(), provenance=record, model=model)
     finally:
-        with torch.no_grad():
-            for n, p in declared.items():
-                p.copy_(original[n])
+        original.restore()
 
 
 def _fingerprint(model: torch.nn.Module) -> str:

@@ -7,8 +7,9 @@
         def edit(self, job, config): ...           # change job.model in place, inside those parts
 
 `apply_plugin` runs one: it checks the options, seeds every random generator, lets the plugin edit the
-model in place, diffs the declared parts against their original values into a Delta, and then puts the
-original values back bit for bit — the caller's model is the same before and after, whatever happens.
+model in place, diffs what changed against its original values (job.original: kept before the change,
+off the model's device) into a Delta, and then puts the original values back bit for bit — the caller's
+model is the same before and after, whatever happens.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmedit.errors import MmeditError
+from mmedit.plugins.originals import Originals
 
 TYPES = (int, float, bool, str)  # the option types --set can parse
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
@@ -52,6 +54,9 @@ class Plugin:
     # lr 1e-5 moves nothing). Each is a dict of option overrides, checked by configure() like --set.
     presets: Mapping[str, Mapping[str, object]] = {}
     stats_keys: tuple[str, ...] = ()  # the precomputed statistics it reads (apply_plugin(stats=...), --stats KEY=)
+    # True: edit() calls job.original.keep(name, ...) before it changes a parameter (or its rows or elements),
+    # so only that is copied. False: apply_plugin keeps every parameter of the declared parts whole first.
+    keeps_originals: bool = False
 
     def parts(self, config) -> tuple[str, ...]:
         """The parts (vision, projector, llm) the edit may change; nothing outside them may move."""
@@ -162,7 +167,7 @@ class Job:
     text_retain: list  # rows whose text-only form is preserved (default: forget + retain)
     seed: int
     progress: bool
-    original: dict[str, torch.Tensor]  # the declared parts' parameters before the edit (read-only)
+    original: Originals  # θ₀'s values of the declared parts' parameters: keep() before changing; [name] reads
     stats: Mapping = field(default_factory=dict)  # precomputed TraceStats by key; see statistics()
     memo: dict | None = None  # this plugin's share of apply_plugin(memo=...); see statistics()
     sources: dict = field(default_factory=dict)  # key -> "precomputed", "computed" or "reused"

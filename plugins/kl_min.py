@@ -9,9 +9,16 @@ class KLMin(TrainingPlugin):
     description = "-NLL(forget) + NLL(retain) + KL(base || edited) on the retain answer tokens."
     presets = {"embedded": {"lr": 1e-4}, "conformance": {"lr": 1e-3, "epochs": 3}}
 
+    def references(self, trainer, batch, which):
+        """θ₀'s answer logits of the retain batches (in the model's dtype: exactly its float32 values)."""
+        if which != "retain":
+            return {}
+        base = trainer.reference(batch)
+        return {"logits": base.answer_logits.to(base.logits.dtype)}
+
     def loss(self, trainer, step):
         retain = trainer.forward(step.retain)
-        kl = losses.kl_to_reference(retain.answer_logits, trainer.reference(step.retain).answer_logits)
+        kl = losses.kl_to_reference(retain.answer_logits, step.reference("retain")["logits"])
         return -trainer.forward(step.forget).nll + retain.nll + kl
 
     def objectives(self, config):

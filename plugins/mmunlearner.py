@@ -98,13 +98,16 @@ class MMUnlearner(TrainingPlugin):
         if not names:
             raise MmeditError(f"mmunlearner: no Linear weight in scope {config.scope}")
         language = [name for name in names if job.model_map.part_of(name)[0] == "llm"]
-        forget = fisher(job, "forget", job.forget, "multimodal", names, config.batch_size)
+        # The preserve sets first, pooled per weight, then the forget set: two Fisher-sized sets at a time.
         retain = fisher(job, "retain", job.retain, "multimodal", names, config.batch_size)
         text = fisher(job, "text", job.text_retain, "text", language, config.batch_size) if language else None
+        preserve = {name: pooled([(retain, "multimodal")] + ([(text, "text")] if name in language else []), name)
+                    for name in names}
+        del retain, text
+        forget = fisher(job, "forget", job.forget, "multimodal", names, config.batch_size)
         masks = {}
         for name in names:
-            preserve = [(retain, "multimodal")] + ([(text, "text")] if name in language else [])
-            ratio = (forget.fisher(name, "multimodal") + EPSILON) / (pooled(preserve, name) + EPSILON)
+            ratio = (forget.fisher(name, "multimodal") + EPSILON) / (preserve.pop(name) + EPSILON)
             masks[name] = (ratio >= config.tau).to(trainer.params[name].device)
         if not any(bool(mask.any()) for mask in masks.values()):
             raise MmeditError(f"mmunlearner: the saliency mask selects no weight at tau={config.tau}; lower tau")

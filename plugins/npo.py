@@ -1,7 +1,8 @@
 """NPO (Zhang et al. 2024): L = −(2/β)·mean log σ(β·(NLL_θ(x_f) − NLL_ref(x_f))), sequence-mean NLLs.
 
-The reference is θ₀ (the base weights, swapped in for each reference pass) unless `ref` names a
-model directory (the NPO paper's reference trained on the retain set)."""
+The reference is θ₀ unless `ref` names a model directory (the NPO paper's reference trained on the retain
+set); its per-sequence NLLs of the forget batches are computed once before training (Trainer.prepare), and a
+loaded reference model is dropped from memory before the first step."""
 from dataclasses import dataclass
 
 from mmedit.plugins import losses
@@ -27,8 +28,11 @@ class NPO(TrainingPlugin):
     needs_retain = False
     presets = {"embedded": {"lr": 1e-4}, "conformance": {"lr": 1e-3, "epochs": 3}}
 
+    def references(self, trainer, batch, which):
+        return {"nll": trainer.reference(batch).sequence_nll} if which == "forget" else {}
+
     def loss(self, trainer, step):
-        return losses.npo(trainer.forward(step.forget).sequence_nll, trainer.reference(step.forget).sequence_nll,
+        return losses.npo(trainer.forward(step.forget).sequence_nll, step.reference("forget")["nll"],
                           trainer.config.beta)
 
     def objectives(self, config):
@@ -42,7 +46,9 @@ class NPO(TrainingPlugin):
             weight = next(job.model.parameters())
             dtype = str(weight.dtype).removeprefix("torch.")
             reference, _ = load(config.ref, device=str(weight.device), dtype=dtype if dtype in DTYPES else "auto")
-        return Trainer(job, config, self, reference_model=reference).run()
+        trainer = Trainer(job, config, self, reference_model=reference)
+        del reference  # the trainer drops it once its NLLs are computed
+        return trainer.run()
 
 
 plugin = NPO()

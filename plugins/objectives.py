@@ -26,6 +26,7 @@ from mmedit.errors import MmeditError
 from mmedit.modelstate import preserved
 from mmedit.plugins import losses
 from mmedit.plugins.base import Job
+from mmedit.plugins.originals import Originals
 from mmedit.plugins.training import FORMS, Passes
 
 DIRECTIONS = ("up", "down", "kept")
@@ -127,8 +128,10 @@ def measure(objectives: Sequence[Objective], model: torch.nn.Module, processor, 
     change (parameter name -> tensor), which `reference` passes swap in."""
     from mmedit.arch import model_map
 
+    params = dict(model.named_parameters())
+    theta0 = Originals({name: params[name] for name in original}, given=original)
     job = Job(model, processor, model_map(model), list(forget), list(retain), list(forget) + list(retain),
-              seed, False, dict(original))
+              seed, False, theta0)
     passes = Passes(job)
     with torch.no_grad(), preserved(model):
         model.eval()

@@ -47,11 +47,16 @@ class RMU(TrainingPlugin):
                      for site in trainer.job.model_map.sites_of("llm")[: steered_layer(trainer.job, config) + 1])
         return {"train": Selection.whole(name for name in trainer.job.original if name.startswith(mlps))}
 
+    def references(self, trainer, batch, which):
+        """θ₀'s hidden states at layer l of the retain batches."""
+        layer = steered_layer(trainer.job, trainer.config)
+        return {"states": trainer.reference(batch, [layer]).held_states(layer)} if which == "retain" else {}
+
     def loss(self, trainer, step):
         config, layer = trainer.config, steered_layer(trainer.job, trainer.config)
         forget = trainer.forward(step.forget, [layer]).states(layer)
         retain = trainer.forward(step.retain, [layer]).states(layer)
-        base = trainer.reference(step.retain, [layer]).states(layer)
+        base = step.reference("retain")["states"]
         return (losses.misdirection(forget, target(trainer, config, step.forget, forget))
                 + config.alpha * losses.retain_state(retain, base))
 

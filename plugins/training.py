@@ -13,9 +13,20 @@ rows of parameters (e.g. the producers of chosen neurons) or element masks; ever
 and each selection has its own AdamW so that one kind of step never moves another kind's elements
 through optimizer momentum. The schedule pairs forget and retain batches (the shorter set cycled) or
 interleaves them; rows are shuffled with the job's seed. Losses read logits, answer NLLs and hidden
-states at decoder layers (ModelMap.residual) on the edited model (`forward`) and on θ₀ (`reference`:
-the original weights swapped in, no second model in memory, or a separately loaded reference model).
-A non-finite loss, gradient or weight stops the run with an MmeditError, before any delta exists.
+states at decoder layers (ModelMap.residual) on the edited model (`forward`); what they need of θ₀ the
+method computes in `references(trainer, batch, which)`, once per batch of the schedule before the first
+step (`trainer.reference` there runs θ₀ or a separately loaded reference model), and reads back as
+`step.reference(which)`. A non-finite loss, gradient or weight stops the run with an MmeditError,
+before any delta exists.
+
+Memory: a selected parameter's original values are kept (job.original.keep) just before training, only
+where it may change (rows or elements for a partial selection); a partial selection trains a compact
+tensor of its selected values: the parameter's full gradient lives only until autograd has produced it
+(a post-accumulate hook gathers the selected part and frees it), and AdamW's state is as small as the
+selection. The results are those of masking full-tensor gradients (elementwise the same AdamW update;
+outside a selection a masked gradient is +0.0 and leaves the element bit-identical). θ₀'s quantities are
+stored off the GPU between steps; `checkpointing=true` recomputes activations in the backward (HF
+gradient checkpointing) for less activation memory at the same result.
 """
 from __future__ import annotations
 
@@ -60,6 +71,8 @@ class TrainConfig:
     batch_size: int = option(4, "Rows per batch.")
     grad_clip: float = option(1.0, "Clip the gradient norm of each step to this (0: no clipping).")
     max_steps: int = option(0, "Stop after this many optimisation steps (0: run the whole schedule).")
+    checkpointing: bool = option(False, "Recompute activations in the backward pass (HF gradient checkpointing): "
+                                 "less activation memory, the same result, about a third more compute.")
 
     def __post_init__(self):
         require(0 < self.lr <= torch.finfo(torch.float32).max, "lr", "be a positive number")
@@ -132,12 +145,16 @@ class Selection:
         if not self.masks or self.size(params) == 0:
             raise MmeditError(f"{what}: the selection matches no parameter element")
 
-    def restrict(self, params: Mapping[str, torch.Tensor]) -> None:
-        """Zero the gradient outside the masks (+0.0, so that AdamW leaves those elements bit-identical)."""
-        for name, mask in self.masks.items():
-            grad = params[name].grad
-            if mask is not None and grad is not None:
-                grad.masked_fill_(~mask, 0.0)
+    def where(self, name: str) -> tuple[int | None, torch.Tensor | None, torch.Tensor | None]:
+        """(axis, index, mask) of `name`'s selected part: (None, None, None) for the whole tensor, an axis
+        and its indices for rows (a mask of size 1 on every other axis), else the element mask."""
+        mask = self.masks[name]
+        if mask is None:
+            return None, None, None
+        axes = [axis for axis, size in enumerate(mask.shape) if size != 1]
+        if len(axes) <= 1:
+            return (axes or [0])[0], mask.flatten().nonzero().flatten(), None
+        return None, None, mask
 
 
 class Output:
@@ -164,7 +181,11 @@ class Output:
 
     def states(self, layer: int) -> torch.Tensor:
         """[N, D] float32: the hidden states after decoder layer `layer` at the N non-pad positions."""
-        return self.hidden[layer][self.mask].float()
+        return self.held_states(layer).float()
+
+    def held_states(self, layer: int) -> torch.Tensor:
+        """The same in the model's dtype (what a reference keeps: states() is its exact float32 view)."""
+        return self.hidden[layer][self.mask]
 
 
 def run_model(model: torch.nn.Module, residual: Sequence[str], batch, layers: Sequence[int] = ()) -> Output:
@@ -187,10 +208,12 @@ Chunk = tuple[tuple, str]  # (rows, form)
 
 
 class Step:
-    """One optimisation step: its kind (which Selection applies) and its batches, encoded on first use."""
+    """One optimisation step: its kind (which Selection applies) and its batches, encoded on first use, and
+    θ₀'s quantities for them (`reference(which)`: what the method's references() returned for that batch)."""
 
-    def __init__(self, kind: str, forget: Chunk | None, retain: Chunk | None, encode):
+    def __init__(self, kind: str, forget: Chunk | None, retain: Chunk | None, encode, references=None):
         self.kind, self._chunks, self._encode = kind, {"forget": forget, "retain": retain}, encode
+        self._references = references or (lambda which, chunk: {})
 
     def _batch(self, which: str):
         chunk = self._chunks[which]
@@ -205,6 +228,12 @@ class Step:
     @cached_property
     def retain(self):
         return self._batch("retain")
+
+    def reference(self, which: str) -> dict:
+        """θ₀'s quantities for this step's `which` batch ("forget" or "retain"), on the model's device."""
+        if self._chunks[which] is None:
+            raise MmeditError(f"this {self.kind} step has no {which} batch (a plugin bug: check its schedule)")
+        return self._references(which, self._chunks[which])
 
 
 def paired(trainer: Trainer, forms: str, anchor: str = "forget") -> list[tuple[str, Chunk | None, Chunk | None]]:
@@ -234,8 +263,9 @@ def interleaved(trainer: Trainer, forms: str) -> list[tuple[str, Chunk | None, C
 
 
 class Passes:
-    """Forward passes of a job's model: on its current weights (`forward`) and on θ₀ (`reference`: the
-    original tensors swapped in for one pass, no second model in memory, or a separately loaded model)."""
+    """Forward passes of a job's model: on its current weights (`forward`) and on θ₀ (`reference`: θ₀'s
+    values swapped in for the parameters that have moved since they were kept, no second model in
+    memory; or a separately loaded reference model)."""
 
     def __init__(self, job: Job, reference_model: torch.nn.Module | None = None):
         self.job, self.model = job, job.model
@@ -261,15 +291,16 @@ class Passes:
         with torch.no_grad():
             if self.reference_model is not None:
                 return run_model(self.reference_model, self.reference_residual, batch, layers)
-            with self._original_weights():
+            with self._theta0():
                 return run_model(self.model, self.job.model_map.residual, batch, layers)
 
     @contextlib.contextmanager
-    def _original_weights(self):
-        """θ₀: the original tensors swapped in (storage pointers, no copy) and eval mode, for one pass."""
-        current = {name: self.params[name].data for name in self.job.original}
-        for name, tensor in self.job.original.items():
-            self.params[name].data = tensor
+    def _theta0(self):
+        """θ₀ in eval mode for one pass: the original values of every parameter that has moved since it was
+        kept swapped in (storage pointers; those values are made from what was kept), the rest as they are."""
+        current = {name: self.params[name].data for name in self.job.original.changed()}
+        for name in current:
+            self.params[name].data = self.job.original[name]
         try:
             with preserved(self.model, clear_grads=False):
                 self.model.train(False)
@@ -277,6 +308,35 @@ class Passes:
         finally:
             for name, tensor in current.items():
                 self.params[name].data = tensor
+
+
+@dataclass
+class Trainable:
+    """A selected parameter as its step kind's AdamW sees it: the parameter itself (whole), or a compact
+    tensor of its selected rows or elements (`leaf`), filled before each step and written back after it."""
+
+    name: str
+    param: torch.Tensor
+    axis: int | None
+    index: torch.Tensor | None
+    mask: torch.Tensor | None
+
+    def __post_init__(self):
+        self.leaf = self.param if self.whole else torch.empty(0, dtype=self.param.dtype, device=self.param.device)
+
+    @property
+    def whole(self) -> bool:
+        return self.index is None and self.mask is None
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.index_select(self.axis, self.index) if self.mask is None else tensor.masked_select(self.mask)
+
+    def scatter(self, values: torch.Tensor) -> None:
+        target = self.param.detach()
+        if self.mask is None:
+            target.index_copy_(self.axis, self.index, values)
+        else:
+            target.masked_scatter_(self.mask, values)
 
 
 class Trainer(Passes):
@@ -290,6 +350,11 @@ class Trainer(Passes):
         self.selections: dict[str, Selection] = dict(method.selections(self, config))
         for kind, selection in self.selections.items():
             selection.check(self.params, f"{method.name}: {kind} selection")
+        self.trainables = {kind: [Trainable(name, self.params[name], *selection.where(name)) for name in selection.masks]
+                           for kind, selection in self.selections.items()}
+        self._compact: dict[int, Trainable] = {}  # the running step's compact trainables, by id(parameter)
+        self._grads: dict[int, torch.Tensor] = {}  # their gathered gradients
+        self._references: dict = {}
 
     # ---- data -----------------------------------------------------------------------------------
     def chunks(self, which: str, forms: str, epoch: int) -> list[Chunk]:
@@ -302,28 +367,63 @@ class Trainer(Passes):
         rng.shuffle(chunks)
         return chunks
 
+    def plan(self) -> list:
+        """The method's schedule, cut at max_steps."""
+        plan = self.method.schedule(self, self.config)
+        return plan[: self.config.max_steps] if self.config.max_steps else plan
+
+    def prepare(self, plan: list | None = None) -> None:
+        """θ₀'s quantities of every batch of the schedule, from the method's references() on θ₀ (or the
+        reference model, dropped afterwards), kept off the GPU. run() calls it; a method that changes the
+        model before training (MIP-Editor's pruning) calls it first, while the model still is θ₀."""
+        offload = "cpu" if self.device.type == "cuda" else self.device
+        with torch.no_grad(), preserved(self.model, clear_grads=False):
+            self.model.train(False)
+            for _, forget, retain in self.plan() if plan is None else plan:
+                for which, chunk in (("forget", forget), ("retain", retain)):
+                    if chunk is not None and (which, chunk) not in self._references:
+                        found = self.method.references(self, self.encode(*chunk), which) or {}
+                        self._references[which, chunk] = {key: value.detach().to(offload) for key, value in found.items()}
+        self.reference_model = None
+
+    def step_for(self, kind: str, forget: Chunk | None, retain: Chunk | None) -> Step:
+        """The Step of one schedule entry, with the θ₀ quantities prepare() computed for its batches."""
+        def reference(which: str, chunk: Chunk) -> dict:
+            found = self._references.get((which, chunk), {})
+            return {key: value.to(self.device) for key, value in found.items()}
+
+        return Step(kind, forget, retain, self.encode, reference)
+
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
-        plan = self.method.schedule(self, self.config)
-        if self.config.max_steps:
-            plan = plan[: self.config.max_steps]
+        plan = self.plan()
         if not plan:
             raise MmeditError(f"{self.method.name}: the schedule has no steps (empty data?)")
-        optimizers = {}
-        for kind, selection in self.selections.items():
-            params = [self.params[name] for name in selection.masks]
-            optimizers[kind] = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
-        with preserved(self.model):
-            for param in self.model.parameters():
-                param.requires_grad_(False)
-            self.model.train()
-            for index, (kind, forget, retain) in enumerate(
-                    track(plan, f"{self.method.name}: training", enabled=self.job.progress)):
-                if kind not in self.selections:
-                    raise MmeditError(f"{self.method.name}: the schedule has a {kind!r} step but no {kind!r} "
-                                      "selection")
-                decay = 1 - index / len(plan) if self.config.lr_decay == "linear" else 1.0
-                self._step(index, Step(kind, forget, retain, self.encode), optimizers[kind], self.config.lr * decay)
+        self._keep_originals()
+        self.prepare(plan)
+        optimizers = {kind: torch.optim.AdamW([t.leaf for t in trainables], lr=self.config.lr, weight_decay=0.0)
+                      for kind, trainables in self.trainables.items()}
+        hooks = [self.params[name].register_post_accumulate_grad_hook(self._gather)
+                 for name in {t.name for ts in self.trainables.values() for t in ts if not t.whole}]
+        try:
+            with preserved(self.model):
+                for param in self.model.parameters():
+                    param.requires_grad_(False)
+                self.model.train()
+                if self.config.checkpointing:
+                    self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                for index, (kind, forget, retain) in enumerate(
+                        track(plan, f"{self.method.name}: training", enabled=self.job.progress)):
+                    if kind not in self.selections:
+                        raise MmeditError(f"{self.method.name}: the schedule has a {kind!r} step but no {kind!r} "
+                                          "selection")
+                    decay = 1 - index / len(plan) if self.config.lr_decay == "linear" else 1.0
+                    self._step(index, self.step_for(kind, forget, retain), optimizers[kind], self.config.lr * decay)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            if self.config.checkpointing:
+                self.model.gradient_checkpointing_disable()
         for selection in self.selections.values():
             bad = [n for n in selection.masks if not bool(torch.isfinite(self.params[n]).all())]
             if bad:
@@ -332,19 +432,44 @@ class Trainer(Passes):
         return {"steps": len(plan), "loss": {"first": self.losses[0], "last": self.losses[-1]},
                 "trainable": {kind: s.size(self.params) for kind, s in self.selections.items()}}
 
+    def _keep_originals(self) -> None:
+        """job.original.keep() of what the selections may change: whole, or the union of their masks."""
+        for name in dict.fromkeys(name for selection in self.selections.values() for name in selection.masks):
+            masks = [selection.masks[name] for selection in self.selections.values() if name in selection.masks]
+            if any(mask is None for mask in masks):
+                self.job.original.keep(name)
+                continue
+            union = masks[0]
+            for mask in masks[1:]:
+                union = union | mask
+            axis, index, mask = Selection({name: union}).where(name)
+            self.job.original.keep(name, axis=axis, index=index, mask=mask)
+
+    def _gather(self, param: torch.Tensor) -> None:
+        """Post-accumulate hook: a compact trainable's part of the gradient is kept, the full one freed."""
+        trainable = self._compact.get(id(param))
+        if trainable is not None and param.grad is not None:
+            self._grads[id(param)] = trainable.gather(param.grad)
+            param.grad = None
+
     def _step(self, index: int, step: Step, optimizer: torch.optim.Optimizer, lr: float) -> None:
-        selection = self.selections[step.kind]
-        for other in self.selections.values():
-            for name in other.masks:
-                self.params[name].requires_grad_(name in selection.masks)
+        trainables = self.trainables[step.kind]
+        for others in self.trainables.values():
+            for trainable in others:
+                trainable.param.requires_grad_(False)
+        for trainable in trainables:
+            trainable.param.requires_grad_(True)
+        self._compact = {id(t.param): t for t in trainables if not t.whole}
         loss = self.method.loss(self, step)
         if not bool(torch.isfinite(loss)):
             raise MmeditError(f"{self.method.name}: the loss is {loss.item()} at step {index + 1} ({step.kind}); "
                               "stopped, nothing written (try a lower lr)")
         loss.backward()
-        params = [self.params[name] for name in selection.masks]
-        selection.restrict(self.params)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip or math.inf)
+        with torch.no_grad():
+            for trainable in self._compact.values():
+                trainable.leaf.data = trainable.gather(trainable.param.detach())
+                trainable.leaf.grad = self._grads.pop(id(trainable.param), None)
+        norm = torch.nn.utils.clip_grad_norm_([t.leaf for t in trainables], self.config.grad_clip or math.inf)
         if not bool(torch.isfinite(norm)):
             raise MmeditError(f"{self.method.name}: the gradient norm is {norm.item()} at step {index + 1} "
                               f"({step.kind}); stopped, nothing written (try a lower lr)")
@@ -352,13 +477,20 @@ class Trainer(Passes):
             group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for trainable in self._compact.values():
+                trainable.scatter(trainable.leaf.detach())
+                trainable.leaf.data = trainable.leaf.new_empty(0)
+        self._compact = {}
         self.losses.append(loss.item())
 
 
 class TrainingPlugin(Plugin):
-    """A gradient method: override `loss`; `selections` and `schedule` when the defaults do not fit."""
+    """A gradient method: override `loss`; `selections`, `schedule` and `references` when the defaults do
+    not fit."""
 
     Config = BaselineConfig
+    keeps_originals = True  # the Trainer keeps what its selections may change
 
     def parts(self, config) -> tuple[str, ...]:
         return split_parts(config.parts)
@@ -370,6 +502,12 @@ class TrainingPlugin(Plugin):
     def schedule(self, trainer: Trainer, config) -> list:
         """(kind, forget chunk, retain chunk) per step. Default: forget batches, each paired with a retain batch."""
         return paired(trainer, config.forms)
+
+    def references(self, trainer: Trainer, batch, which: str) -> dict[str, torch.Tensor]:
+        """θ₀'s quantities the loss needs of a `which` ("forget" or "retain") batch, e.g.
+        {"nll": trainer.reference(batch).sequence_nll}: computed once per batch of the schedule before the
+        first step, read in the loss as step.reference(which). Default: none."""
+        return {}
 
     def loss(self, trainer: Trainer, step: Step) -> torch.Tensor:
         raise NotImplementedError

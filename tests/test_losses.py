@@ -12,10 +12,10 @@ from mmedit import zoo
 from mmedit.arch import model_map
 from mmedit.data.batches import make_batches
 from mmedit.loading import load
-from mmedit.plugins import Job, get, losses
+from mmedit.plugins import Job, Originals, get, losses
 from mmedit.plugins.mip_editor import RMisU
 from mmedit.plugins.mmunlearner import maskable
-from mmedit.plugins.training import Step, Trainer
+from mmedit.plugins.training import Trainer
 
 from test_plugins_conformance import make_rows
 
@@ -106,14 +106,17 @@ def trainer_for(name, edited, base, processor, rows, overrides=None, method=None
     config = plugin.configure(overrides)
     mapping = model_map(edited)
     base_params = dict(base.named_parameters())
-    original = {n: base_params[n].detach() for n, _ in edited.named_parameters()
-                if (mapping.part_of(n) or (None,))[0] in plugin.parts(config)}
+    declared = {n: p for n, p in edited.named_parameters() if (mapping.part_of(n) or (None,))[0] in plugin.parts(config)}
+    original = Originals(declared, given={n: base_params[n].detach() for n in declared})  # θ₀: the base model
     job = Job(edited, processor, mapping, rows[:4], rows[4:], rows, SEED, False, original)
     return Trainer(job, config, method or plugin), plugin, config
 
 
 def step(trainer, rows, kind="train", form="multimodal"):
-    return Step(kind, (tuple(rows[:4]), form), (tuple(rows[4:]), form), trainer.encode)
+    """A step on rows[:4] (forget) and rows[4:] (retain), with its θ₀ quantities (Trainer.prepare)."""
+    entry = (kind, (tuple(rows[:4]), form), (tuple(rows[4:]), form))
+    trainer.prepare([entry])
+    return trainer.step_for(*entry)
 
 
 def inputs(processor, rows, form="multimodal"):

@@ -21,8 +21,8 @@ from mmedit.data.rows import Row, write_jsonl
 from mmedit.delta import Delta
 from mmedit.errors import MmeditError
 from mmedit.loading import load
-from mmedit.plugins import (BaselineConfig, Job, Plugin, Selection, Trainer, TrainingPlugin, apply_plugin, available,
-                            get, interleaved, option, paired)
+from mmedit.plugins import (BaselineConfig, Job, Originals, Plugin, Selection, Trainer, TrainingPlugin, apply_plugin,
+                            available, get, interleaved, option, paired)
 from mmedit.plugins.mmunlearner import maskable
 from mmedit.trace import trace
 
@@ -110,8 +110,9 @@ def test_option_machinery_for_any_config():
 # ---- the training loop ------------------------------------------------------------------------------
 def job_for(model, processor, rows, parts=("llm",)) -> Job:
     mapping = model_map(model)
-    original = {n: p.detach().clone() for n, p in model.named_parameters() if (mapping.part_of(n) or (None,))[0] in parts}
-    return Job(model, processor, mapping, rows[:4], rows[4:8], rows[:8], seed=0, progress=False, original=original)
+    declared = {n: p for n, p in model.named_parameters() if (mapping.part_of(n) or (None,))[0] in parts}
+    return Job(model, processor, mapping, rows[:4], rows[4:8], rows[:8], seed=0, progress=False,
+               original=Originals(declared))
 
 
 class RowsOnly(TrainingPlugin):
@@ -457,6 +458,6 @@ def test_progress_bars_name_their_phase(llava, rows, monkeypatch):
     model, processor = llava
     apply_plugin("mmunlearner", model, processor, rows[:4], rows[4:8], {"max_steps": "1"}, progress=True,
                  text_retain_rows=rows[8:10])
-    assert labels == ["MMUnlearner: Fisher of the forget rows (multimodal)",
-                      "MMUnlearner: Fisher of the retain rows (multimodal)",
-                      "MMUnlearner: Fisher of the text rows (text)", "mmunlearner: training"]
+    assert labels == ["MMUnlearner: Fisher of the retain rows (multimodal)",  # the preserve sets first
+                      "MMUnlearner: Fisher of the text rows (text)",
+                      "MMUnlearner: Fisher of the forget rows (multimodal)", "mmunlearner: training"]

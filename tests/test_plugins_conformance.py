@@ -194,7 +194,7 @@ def test_third_party_plugin(third_party, rows, tmp_path):
     runner = CliRunner()
     listed = runner.invoke(app, ["plugins"])
     assert listed.exit_code == 0 and all(name in listed.output for name in [*available(), "refuse"])
-    shown = runner.invoke(app, ["plugins", "refuse"])
+    shown = runner.invoke(app, ["plugins", "refuse"], env={"COLUMNS": "200"})  # each help on one line
     assert shown.exit_code == 0 and "refusal" in shown.output and "learns for forget" in shown.output
 
     forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"

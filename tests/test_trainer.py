@@ -11,7 +11,7 @@ from mmedit import zoo
 from mmedit.arch import model_map
 from mmedit.errors import MmeditError
 from mmedit.loading import load
-from mmedit.plugins import Job, Objective, Selection, Trainer, TrainingPlugin, apply_plugin, get
+from mmedit.plugins import Job, Objective, Originals, Selection, Trainer, TrainingPlugin, apply_plugin, get
 from mmedit.plugins.training import BaselineConfig
 
 from test_plugins_conformance import make_rows
@@ -45,8 +45,8 @@ class Probe(TrainingPlugin):
 def trainer(model, processor, rows, method=None, seed=0, **options):
     mapping = model_map(model)
     parts = ("vision", "projector", "llm")
-    original = {n: p.detach().clone() for n, p in model.named_parameters() if (mapping.part_of(n) or (None,))[0] in parts}
-    job = Job(model, processor, mapping, rows[:4], rows[4:], rows, seed, False, original)
+    declared = {n: p for n, p in model.named_parameters() if (mapping.part_of(n) or (None,))[0] in parts}
+    job = Job(model, processor, mapping, rows[:4], rows[4:], rows, seed, False, Originals(declared))
     return Trainer(job, BaselineConfig(**options), method or Probe())
 
 
@@ -98,9 +98,12 @@ def test_shuffling_is_seeded_per_epoch_and_set(llava, rows):
     assert any(order != sorted(order) and order != sorted(order, reverse=True) for order in forms)
 
 
-def test_gradient_is_masked_before_it_is_clipped(llava, rows, monkeypatch, restored):
+def test_only_the_selected_rows_are_clipped(llava, rows, monkeypatch, restored):
+    """A row selection trains a compact tensor of its rows: the clipped norm covers those rows' gradient
+    only (rows-sized tensors, the full gradient already freed)."""
     model, processor = llava
     name = model_map(model).parameters("llm")[0]
+    width = model.get_parameter(name).shape[1]
 
     def rows_only(t):
         return {"train": Selection.rows(t.model, {name: (0, [0, 1])})}
@@ -109,14 +112,13 @@ def test_gradient_is_masked_before_it_is_clipped(llava, rows, monkeypatch, resto
     seen = []
 
     def checking(params, max_norm, *args, **kwargs):
-        for param in params:
-            if param.grad is not None:
-                seen.append(float(param.grad[2:].abs().max()))
+        seen.extend(tuple(param.grad.shape) for param in params if param.grad is not None)
+        assert model.get_parameter(name).grad is None
         return clip(params, max_norm, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", checking)
     trainer(model, processor, rows, Probe(selections=rows_only), lr=1e-3, grad_clip=1e-3, max_steps=1).run()
-    assert seen == [0.0], "the clipped norm included gradients outside the selection"
+    assert seen == [(2, width)], "the clipped norm covered more than the selected rows"
 
 
 def test_an_infinite_loss_stops_the_run(llava, rows, restored):

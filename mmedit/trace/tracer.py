@@ -4,6 +4,10 @@ One traced forward per batch reads every neuron site (in execution order: vision
 when gradients are asked, one `torch.autograd.grad` of the answer NLL w.r.t. exactly those tensors
 (the ones the model really consumed) follows. Sites that no gradient reaches are dead branches: they
 are reported in the result's metadata and get no gradient statistics, never zeros.
+
+Memory: no parameter but the Fisher ones requires a gradient during a trace (the graph starts at the
+input embeddings and the pixel values), so no weight gradient is made and autograd keeps only what the
+activations' gradients need.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from mmedit.errors import MmeditError
+from mmedit.modelstate import preserved
 from mmedit.progress import track
 from mmedit.provenance import library_versions, model_identity
 from mmedit.trace.stats import GROUPS, Accumulator, TraceStats
@@ -41,6 +46,20 @@ def last_prompt_position(real: torch.Tensor, answer: torch.Tensor) -> torch.Tens
     last_real = torch.where(real, positions, -1).max(dim=1).values
     index = torch.where(has_answer, first_answer, last_real)
     return positions == index.unsqueeze(1)
+
+
+@contextmanager
+def graph_roots(model, params: Sequence[torch.Tensor]):
+    """Only `params` require a gradient; the input embeddings' output starts the LLM's graph."""
+    model.requires_grad_(False)
+    for param in params:
+        param.requires_grad_(True)
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: output if output.requires_grad else output.requires_grad_())
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -155,9 +174,12 @@ def trace(
     seen_sites: dict[str, object] = {}
     dead: set[str] = set()
     batches_seen = {"multimodal": 0, "text": 0}
-    with nnsight_view(model) as wrapped:
+    with nnsight_view(model) as wrapped, preserved(model, clear_grads=False), graph_roots(model, fisher_tensors):
         for batch in track(batches, description, total=total, enabled=progress):
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
+            if need_backward:  # the vision side's graph starts at the pixels
+                inputs.update({k: v.detach().requires_grad_() for k, v in inputs.items()
+                               if k.startswith("pixel_values") and v.is_floating_point()})
             if need_backward and "labels" not in inputs:
                 raise MmeditError("gradients need answer labels: build batches with with_answer=True")
             sites = active_sites(model_map, parts, inputs)

@@ -126,9 +126,9 @@ def check_statistics(stats, role: str, rows, config, model_map, sites) -> None:
         raise MmeditError(f"the {role} statistics were traced on other rows than the {role} set")
 
 
-def prune(model, model_map, chosen: dict[str, torch.Tensor], soft: float) -> None:
-    """Zero (soft=0) or scale by `soft` the selected neurons of each site, in place."""
-    params = dict(model.named_parameters())
+def prune(job, chosen: dict[str, torch.Tensor], soft: float) -> None:
+    """Zero (soft=0) or scale by `soft` the selected neurons of each site, in place (their slices kept first)."""
+    model_map, params = job.model_map, dict(job.model.named_parameters())
     with torch.no_grad():
         for name, indices in chosen.items():
             site = model_map.site(name)
@@ -141,6 +141,7 @@ def prune(model, model_map, chosen: dict[str, torch.Tensor], soft: float) -> Non
                 if param is None or param.dim() <= axis or param.shape[axis] != site.width:
                     raise MmeditError(f"manu: {param_name} has no axis {axis} of the {site.width} neurons of {name}")
                 index = indices.to(param.device)
+                job.original.keep(param_name, axis=axis, index=index)
                 if soft:
                     param.index_copy_(axis, index, param.index_select(axis, index) * soft)
                 else:
@@ -152,6 +153,7 @@ class MANU(Plugin):
     description = "Modality-aware neuron pruning: zero the neurons more important to forget than retain data."
     Config = MANUConfig
     stats_keys = STATS_KEYS
+    keeps_originals = True  # prune() keeps the slices it changes
 
     def parts(self, config):
         return split_parts(config.parts)
@@ -169,7 +171,7 @@ class MANU(Plugin):
         scores = scoring.site_scores(found["forget"], found["retain"], sites, image_only=job.model_map.image_only,
                                      **settings)
         selection = scoring.select(scores, config.alpha, config.within)
-        prune(job.model, job.model_map, selection.chosen, config.soft)
+        prune(job, selection.chosen, config.soft)
         summary = report.summary(scores, selection) | {
             "scoring": settings, "statistics": {role: job.sources[role] for role in STATS_KEYS}}
         if config.plot:

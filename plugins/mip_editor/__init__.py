@@ -130,7 +130,7 @@ def get_paths(job, config) -> NeuronPaths:
 
 
 def prune(job, paths: NeuronPaths) -> int:
-    """Zero the path neurons' prune_producers rows in place; returns the number of zeroed elements."""
+    """Zero the path neurons' prune_producers rows in place (kept first); returns the number of zeroed elements."""
     params = dict(job.model.named_parameters())
     zeroed = 0
     with torch.no_grad():
@@ -138,6 +138,7 @@ def prune(job, paths: NeuronPaths) -> int:
             site = job.model_map.site(name)
             for producer in prune_producers(site):
                 tensor = params[producer.param]
+                job.original.keep(producer.param, axis=producer.axis, index=index)
                 tensor.index_fill_(producer.axis, index.to(tensor.device), 0)
                 zeroed += index.numel() * (tensor.numel() // tensor.shape[producer.axis])
     return zeroed
@@ -177,21 +178,32 @@ class RMisU(TrainingPlugin):
     def schedule(self, trainer, config):
         return paired(trainer, config.forms, anchor="retain")  # forget batches cycled to the retain length
 
+    def references(self, trainer, batch, which):
+        """θ₀'s (the unpruned model's) states at layer l: of the retain batches, and of the forget batches
+        for the adaptive target."""
+        if which == "forget" and trainer.config.target != "adaptive":
+            return {}
+        layer = steered_layer(trainer.job, trainer.config)
+        return {"states": trainer.reference(batch, [layer]).held_states(layer)}
+
     def loss(self, trainer, step):
         config, layer = trainer.config, steered_layer(trainer.job, trainer.config)
         forget = trainer.forward(step.forget, [layer]).states(layer)
         retain = trainer.forward(step.retain, [layer]).states(layer)
-        base = trainer.reference(step.retain, [layer]).states(layer)
-        return (config.beta * losses.misdirection(forget, target(trainer, config, step.forget, forget))
-                + config.alpha * losses.retain_state(retain, base))
+        base = step.reference("retain")["states"]
+        goal = target(trainer, config, step.forget, forget, step.reference("forget").get("states"))
+        return config.beta * losses.misdirection(forget, goal) + config.alpha * losses.retain_state(retain, base)
 
 
-def target(passes, config, batch, states):
-    """The forget target at each of the batch's non-pad positions: c*u (fixed) or lam*||h_theta0||*u."""
+def target(passes, config, batch, states, reference_states=None):
+    """The forget target at each of the batch's non-pad positions: c*u (fixed) or lam*||h_theta0||*u, with
+    θ₀'s states at layer l given (`reference_states`) or from a θ₀ pass."""
     u = losses.random_direction(states.shape[-1], passes.job.seed, states.device)
     if config.target == "adaptive":
-        layer = steered_layer(passes.job, config)
-        return losses.adaptive_target(passes.reference(batch, [layer]).states(layer), u, config.lam)
+        if reference_states is None:
+            layer = steered_layer(passes.job, config)
+            reference_states = passes.reference(batch, [layer]).held_states(layer)
+        return losses.adaptive_target(reference_states, u, config.lam)
     return losses.fixed_target(u, config.c, states)
 
 
@@ -215,19 +227,28 @@ class MIPEditor(TrainingPlugin):
                           "kept", 1e-3)]
 
     def edit(self, job, config):
-        from mmedit.plugins.training import Trainer
-
         paths = get_paths(job, config)
         layer = steered_layer(job, config)
         report = {"paths": paths.summary(), "path_neurons": paths.count(), "layer": layer,
                   "path_search": dict(sorted(paths.meta.get("options", {}).items())),
                   "dead_sites": paths.meta.get("dead_sites", [])}
+        reachable = [name for name in paths.neurons if reaches(job.model_map.site(name), layer, config.forms)]
+        trainer = self._trainer(job, config, paths, reachable, layer) if config.rmisu else None
+        if trainer is not None:
+            trainer.prepare()  # θ₀'s states, while the model is still unpruned
         if config.prune:
             report["pruned_elements"] = prune(job, paths)
             check_silent(job, paths)
-        if not config.rmisu:
+        if trainer is None:
             return report
-        reachable = [name for name in paths.neurons if reaches(job.model_map.site(name), layer, config.forms)]
+        report |= trainer.run()
+        report["pruned_only"] = sorted(set(paths.neurons) - set(reachable)) if config.prune else []
+        return report
+
+    def _trainer(self, job, config, paths, reachable, layer):
+        """RMisU's Trainer: the rows of the path neurons the loss reaches (restrict), or every producer row."""
+        from mmedit.plugins.training import Trainer
+
         if config.restrict:
             rows = {}
             for name in reachable:
@@ -245,9 +266,7 @@ class MIPEditor(TrainingPlugin):
             if not names:
                 raise MmeditError(f"mip_editor: RMisU on {config.forms} rows cannot train the {config.side} side")
             method = RMisU(self.name, None, names)
-        report |= Trainer(job, config, method).run()
-        report["pruned_only"] = sorted(set(paths.neurons) - set(reachable)) if config.prune else []
-        return report
+        return Trainer(job, config, method)
 
 
 plugin = MIPEditor()
