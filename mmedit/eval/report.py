@@ -61,13 +61,17 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def table(results: dict[str, dict], title: str = "evaluation (% of questions)") -> Table:
+UNITS = ("every value in %: *_acc = questions answered right, answer_prob = mean probability of the right "
+         "option, rougeL = mean ROUGE-L F1 x 100")
+
+
+def table(results: dict[str, dict], title: str = "evaluation") -> Table:
     """Rows: split / form / metric; columns: each model, then for one edited model its forgetting rate or
-    retention (with several edited models the JSON holds those)."""
+    retention (with several edited models the JSON holds those). The caption says what the numbers are."""
     names = list(results)
     single = len(names) == 2
-    caption = "rate: forgetting rate (1 - edited/base) on forget and test, retention (edited/base) on retain"
-    grid = Table(title=title, caption=caption if single else None)
+    rate = "; rate: forgetting rate (1 - edited/base) on forget and test, retention (edited/base) on retain"
+    grid = Table(title=title, caption=UNITS + (rate if single else ""))
     for column in ("split", "form", "metric", *names, *(["rate"] if single else [])):
         grid.add_column(column, justify="left" if column in ("split", "form", "metric") else "right")
     for split, forms in results[BASE].items():
