@@ -220,7 +220,13 @@ def test_report_compare_and_table():
     assert compared["retain"]["Pure_Text"]["gen_acc"]["retention"] == pytest.approx(0.8)
     assert report.compare({"forget": {"Pure_Text": {"gen_acc": 0.0}}}, base)["forget"]["Pure_Text"]["gen_acc"][
         "forgetting_rate"] is None
-    assert report.table({"base": base, "edited": edited}).row_count == 2
+    grid = report.table({"base": base, "edited": edited})
+    assert grid.row_count == 2
+    cells = {column.header: list(column.cells) for column in grid.columns}
+    assert cells["base"] == ["80.0", "50.0"] and cells["rate"] == ["75.0", "80.0"]  # per cent, as the caption says
+    assert "every value in %" in grid.caption and "answer_prob = mean probability" in grid.caption
+    assert "retention (edited/base) on retain" in grid.caption
+    assert "rate:" not in report.table({"base": base, "a": edited, "b": edited}).caption  # no rate column then
 
 
 def test_report_files_are_replaced_only_with_force(tmp_path):
