@@ -33,7 +33,7 @@ def zoo(
         out.print(f"saved the embedded model (trained on `mmedit data synth --seed {seed}`) to {path}",
                   highlight=False, soft_wrap=True)
         return
-    path = tiny_zoo.write(family, out_dir, seed=seed, force=force)
+    path = tiny_zoo.write(family, out_dir, seed=seed, force=force, progress=True)
     out.print(f"saved tiny {family} model to {path}", highlight=False, soft_wrap=True)
 
 

@@ -18,6 +18,7 @@ import torch
 from mmedit.delta import Delta, applied_stack
 from mmedit.errors import MmeditError, first_line
 from mmedit.loading import load_model
+from mmedit.progress import phase
 from mmedit.provenance import describe
 from mmedit.safefile import atomic_dir, check_writable, parse_json
 
@@ -48,21 +49,24 @@ def load(base, deltas: Iterable = (), *, device: str = "cpu", dtype: str = "auto
 
 
 def merge(source: str | Path, deltas: Iterable[str | Path], out: str | Path, *, device: str = "cpu",
-          force: bool = False, allow_nonfinite: bool = False, trust_remote_code: bool = False) -> Path:
+          force: bool = False, allow_nonfinite: bool = False, trust_remote_code: bool = False,
+          progress: bool = True) -> Path:
     """Write `source` with `deltas` applied (in order) as a new checkpoint folder `out`."""
     source, paths = _local_dir(source), [Path(path) for path in deltas]
     out = check_writable(out, force)
     loaded = [Delta.load(path) for path in paths]
     readme, entries = _read_card(source)
-    model = load_model(source, device=device, trust_remote_code=trust_remote_code)
-    for delta in loaded:
-        delta.apply(model, allow_nonfinite=allow_nonfinite)
+    with phase(f"loading {source}", progress):
+        model = load_model(source, device=device, trust_remote_code=trust_remote_code)
+    for path, delta in zip(paths, loaded):
+        with phase(f"applying {path.name}", progress):
+            delta.apply(model, allow_nonfinite=allow_nonfinite)
     entries += [{"file": path.name, **_record(delta)} for path, delta in zip(paths, loaded)]
-    return _write_checkpoint(model, source, out, _card(readme, entries), force)
+    return _write_checkpoint(model, source, out, _card(readme, entries), force, progress)
 
 
 def revert(source: str | Path, deltas: Iterable[str | Path], out: str | Path | None = None, *, in_place: bool = False,
-           device: str = "cpu", force: bool = False, trust_remote_code: bool = False) -> Path:
+           device: str = "cpu", force: bool = False, trust_remote_code: bool = False, progress: bool = True) -> Path:
     """Undo a merge: revert `deltas`, listed in the order they were merged, last first, into `out` or in place.
     The README record of the merge says which deltas are on top; without one the values alone are checked."""
     source, paths = _local_dir(source), [Path(path) for path in deltas]
@@ -71,16 +75,18 @@ def revert(source: str | Path, deltas: Iterable[str | Path], out: str | Path | N
     out = source if in_place else check_writable(out, force)
     loaded = [Delta.load(path) for path in paths]
     readme, entries = _read_card(source)
-    model = load_model(source, device=device, trust_remote_code=trust_remote_code)
+    with phase(f"loading {source}", progress):
+        model = load_model(source, device=device, trust_remote_code=trust_remote_code)
     applied_stack(model)[:] = [(entry["checksum"], entry["file"]) for entry in entries]
-    for delta in reversed(loaded):
-        delta.revert(model)
+    for path, delta in reversed(list(zip(paths, loaded))):
+        with phase(f"reverting {path.name}", progress):
+            delta.revert(model)
     entries = entries[:len(applied_stack(model))]  # the records of the deltas still merged
-    return _write_checkpoint(model, source, out, _card(readme, entries), force or in_place)
+    return _write_checkpoint(model, source, out, _card(readme, entries), force or in_place, progress)
 
 
 def diff(base: str | Path, edited: str | Path, *, device: str = "cpu", trust_remote_code: bool = False,
-         allow_nonfinite: bool = False) -> Delta:
+         allow_nonfinite: bool = False, progress: bool = True) -> Delta:
     """The delta taking checkpoint `base` to checkpoint `edited` (HF folders, or two .safetensors files)."""
     provenance = {"plugin": "diff", "config": {"base": str(base), "edited": str(edited)}}
     if Path(base).is_file() and Path(edited).is_file():
@@ -89,16 +95,21 @@ def diff(base: str | Path, edited: str | Path, *, device: str = "cpu", trust_rem
         weights = []
         for path in (base, edited):
             try:
-                weights.append(load_file(path))
+                with phase(f"loading {path}", progress):
+                    weights.append(load_file(path))
             except Exception as error:
                 raise MmeditError(f"{path} is not a readable safetensors file: {first_line(error)}") from None
-        return Delta.from_state_dicts(*weights, provenance=provenance, allow_nonfinite=allow_nonfinite)
+        with phase("comparing the weights", progress):
+            return Delta.from_state_dicts(*weights, provenance=provenance, allow_nonfinite=allow_nonfinite)
     from mmedit.provenance import model_identity
 
-    models = [load_model(_local_dir(path), device=device, trust_remote_code=trust_remote_code)
-              for path in (base, edited)]
+    models = []
+    for path in (base, edited):
+        with phase(f"loading {path}", progress):
+            models.append(load_model(_local_dir(path), device=device, trust_remote_code=trust_remote_code))
     provenance["config"]["edited_model"] = model_identity(models[1])
-    return Delta.from_models(*models, provenance=provenance, allow_nonfinite=allow_nonfinite)
+    with phase("comparing the weights", progress):
+        return Delta.from_models(*models, provenance=provenance, allow_nonfinite=allow_nonfinite)
 
 
 def _local_dir(source: str | Path) -> Path:
@@ -114,9 +125,10 @@ def _local_dir(source: str | Path) -> Path:
         raise MmeditError(f"model not found: {source} is no directory, nor a hub id in the local HF cache") from None
 
 
-def _write_checkpoint(model: torch.nn.Module, source: Path, out: Path, readme: str | None, force: bool) -> Path:
+def _write_checkpoint(model: torch.nn.Module, source: Path, out: Path, readme: str | None, force: bool,
+                      progress: bool) -> Path:
     """save_pretrained's weights + the source's other files + readme, swapped into `out` in one rename."""
-    with atomic_dir(out, force=force) as temp:
+    with phase(f"writing {out}", progress), atomic_dir(out, force=force) as temp:
         model.save_pretrained(temp)
         for item in source.iterdir():  # the source's own config, processor and tokenizer files win
             if item.name.startswith(".") or item.name == "README.md" or item.name.endswith(_WEIGHT_SUFFIXES):

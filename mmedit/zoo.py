@@ -130,15 +130,19 @@ def build(family: str, seed: int = 0, config: dict | None = None):
     return model, processor
 
 
-def write(family: str, path: str | Path, seed: int = 0, force: bool = False) -> Path:
+def write(family: str, path: str | Path, seed: int = 0, force: bool = False, progress: bool = False) -> Path:
     """Save the tiny model to the folder `path` atomically (safefile.atomic_dir); an existing one needs
     force, and the old folder goes only once the new one is complete."""
+    from mmedit.progress import phase
+
     _recipe(family)  # an unknown family fails before anything is written
     path = Path(path)
     with atomic_dir(path, force=force) as temp:
-        model, processor = build(family, seed)
-        model.save_pretrained(temp)
-        processor.save_pretrained(temp)
+        with phase(f"building a tiny {family}", progress):
+            model, processor = build(family, seed)
+        with phase(f"writing {path}", progress):
+            model.save_pretrained(temp)
+            processor.save_pretrained(temp)
     return path
 
 
