@@ -137,3 +137,20 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(world, tmp_path, name, monke
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: could not write ") and "No space left on device" in last, result.output
     assert list(folder.iterdir()) == [] and snapshot(world["base"], world["merged"], world["bench"]) == before
+
+
+@pytest.mark.parametrize("name", ["merge", "revert", "diff", "trace", "eval", "apply"])
+def test_truncated_weights_are_one_line(world, tmp_path, name):
+    """A model.safetensors cut short (an interrupted download or copy): one line naming the model."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in world["base"].iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    arguments = commands({**world, "base": broken, "merged": broken}, tmp_path / "out", tmp_path)[name]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot load {broken}") and "incomplete metadata" in last, result.output
+    assert not (tmp_path / "out").exists()
