@@ -194,6 +194,88 @@ def _run(out_dir: Path, fast: bool, seed: int, retain_people: int, device: str, 
     return record
 
 
+SEEDS_REPORT, SEEDS_MARKDOWN, SEEDS_FORMAT = "demo-seeds.json", "demo-seeds.md", "mmedit.demo-seeds-report"
+
+
+def run_seeds(out_dir: str | Path, seeds: list[int], *, force: bool = False, **options) -> dict:
+    """The demo once per seed (benchmark, model, plugins and retain sample all seeded), each in
+    out_dir/seed-N/, then every summary cell as mean, sample standard deviation, min and max over the
+    seeds that ran (a failed run is counted, not averaged): out_dir/demo-seeds.json and demo-seeds.md.
+    Seeds other than 0 train their embedded model first (one to two minutes each, then cached)."""
+    from mmedit.eval.report import write_json
+    from mmedit.provenance import library_versions
+    from mmedit.safefile import atomic_dir, check_writable
+
+    if len(set(seeds)) != len(seeds) or len(seeds) < 2:
+        raise MmeditError(f"--seeds needs two or more different seeds, got {','.join(map(str, seeds))}")
+    out_dir = check_writable(out_dir, force)
+    with atomic_dir(out_dir, force=True) as work:
+        records = {seed: run(work / f"seed-{seed}", seed=seed, **options) for seed in seeds}
+        record = {"format": SEEDS_FORMAT, "format_version": 1, "seeds": seeds,
+                  "headline_metric": records[seeds[0]]["settings"]["headline_metric"],
+                  "runs": {str(seed): f"seed-{seed}/{REPORT}" for seed in seeds},
+                  "methods": aggregate(records), "versions": library_versions()}
+        write_json(record, work / SEEDS_REPORT)
+        (work / SEEDS_MARKDOWN).write_text(seeds_markdown(record), encoding="utf-8")
+    return record
+
+
+SUMMARY_COLUMNS = tuple(column for column, _, _ in ACCURACY_COLUMNS) + tuple(column for column, _ in RATE_COLUMNS)
+
+
+def aggregate(records: dict[int, dict]) -> list[dict]:
+    """Per method (in the first seed's order): each summary column's mean / sd / min / max / n over the
+    seeds where the method ran, and the seeds where it failed."""
+    import statistics
+
+    by_method: dict[str, list[dict]] = {}
+    for record in records.values():
+        for row in summary_rows(record):
+            by_method.setdefault(row["method"], []).append(row)
+    methods = []
+    for name, rows in by_method.items():
+        ran = [row for row in rows if not row["error"]]
+        cells = {}
+        for column in SUMMARY_COLUMNS:
+            values = [row[column] for row in ran if row[column] is not None]
+            cells[column] = None if not values else {
+                "mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+                "min": min(values), "max": max(values), "n": len(values)}
+        methods.append({"method": name, "failed": len(rows) - len(ran), "cells": cells})
+    return methods
+
+
+def _spread(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    sd = "" if cell["sd"] is None else f" ± {100 * cell['sd']:.0f}"
+    return f"{100 * cell['mean']:.0f}{sd}"
+
+
+def seeds_markdown(record: dict) -> str:
+    """Methods x columns as "mean ± sd" in % over the seeds."""
+    lines = [f"| method | {' | '.join(SUMMARY_COLUMNS)} | failed |", "|---|" + "---:|" * (len(SUMMARY_COLUMNS) + 1)]
+    for method in record["methods"]:
+        cells = [_spread(method["cells"][column]) for column in SUMMARY_COLUMNS]
+        lines.append(f"| {method['method']} | " + " | ".join(cells) + f" | {method['failed']} |")
+    seeds = ", ".join(map(str, record["seeds"]))
+    return "\n".join([f"Mean ± sample standard deviation over seeds {seeds} ({record['headline_metric']}, %; "
+                      "forgot: forgetting rate).", "", *lines]) + "\n"
+
+
+def seeds_table(record: dict) -> Table:
+    grid = Table(title=f"over seeds {', '.join(map(str, record['seeds']))}: {record['headline_metric']} (%), "
+                 "mean ± sd", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    grid.add_column("method", no_wrap=True)
+    for column in SUMMARY_COLUMNS:
+        grid.add_column(column.replace(" ", "\n"), justify="right", no_wrap=True)
+    grid.add_column("failed", justify="right")
+    for method in record["methods"]:
+        grid.add_row(method["method"].replace(" ", "\n"), *[_spread(method["cells"][c]) for c in SUMMARY_COLUMNS],
+                     str(method["failed"]))
+    return grid
+
+
 def _run_plugin(name, overrides, apply_plugin, model, processor, forget_rows, retain_rows, sets, seed, options,
                 progress, memo) -> Method:
     """Edit with one plugin and evaluate the edit; any failure becomes the method's one-line error."""
@@ -305,6 +387,9 @@ def demo_command(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the report, plots, trace and deltas.")] = Path("mmedit-demo"),
     fast: Annotated[bool, typer.Option("--fast", help="Tiny run: a few people, a few hundred training steps (smoke test).")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the benchmark, the model, the plugins and the retain sample.")] = 0,
+    seeds: Annotated[str | None, typer.Option(help=(
+        "Comma-separated seeds (e.g. 0,1,2): the demo once per seed into OUT/seed-N/, then every cell as mean "
+        "± standard deviation over them (OUT/demo-seeds.md). Seeds other than 0 train their model first."))] = None,
     retain_people: Annotated[int, typer.Option(min=1, help="Retain people evaluated (a seeded sample; plugins see all).")] = RETAIN_PEOPLE,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward / generate call in evaluation.")] = 64,
     run_specs: Annotated[list[str] | None, typer.Option("--run", help='Run only this: "PLUGIN key=value ..." '
@@ -326,6 +411,7 @@ def demo_command(
     here instead, as --fast and other seeds do. An existing --out needs --force.
 
     Example: mmedit demo --out mmedit-demo
+    Example: mmedit demo --seeds 0,1,2 --out demo-seeds
     Example: mmedit demo --run "manu alpha=5" --run "manu alpha=10" --run "npo lr=1e-4"
     """
     from mmedit.cli.apply import parse_overrides
@@ -341,6 +427,17 @@ def demo_command(
             get(name).configure(parse_overrides(None, settings))  # bad names/options fail before any work
             runs.append((name, parse_overrides(None, settings)))
     quiet_transformers()
+    if seeds is not None:
+        if seed != 0:
+            raise MmeditError("give --seed or --seeds, not both")
+        chosen = _seed_list(seeds)
+        record = run_seeds(out_dir, chosen, fast=fast, retain_people=retain_people, device=device,
+                           batch_size=batch_size, force=force, runs=runs, paper_defaults=paper_defaults,
+                           retrain=retrain)
+        out.print(seeds_table(record))
+        out.print(f"report: {out_dir / SEEDS_REPORT} (table: {SEEDS_MARKDOWN}); each seed's demo: "
+                  f"{out_dir}/seed-N/", highlight=False, soft_wrap=True)
+        return
     record = run(out_dir, fast=fast, seed=seed, retain_people=retain_people, device=device,
                  batch_size=batch_size, force=force, runs=runs, paper_defaults=paper_defaults, retrain=retrain)
     if not record["plugins_installed"]:
@@ -358,6 +455,13 @@ def demo_command(
               highlight=False, soft_wrap=True)
     out.print(f"report: {out_dir / REPORT} (table: {MARKDOWN}), plot: {out_dir / 'demo.png'}, "
               f"trace: {out_dir / 'trace-forget.png'}", highlight=False, soft_wrap=True)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MmeditError(f"--seeds takes comma-separated integers, got {text!r}") from None
 
 
 def register(app: typer.Typer) -> None:

@@ -183,3 +183,43 @@ def test_demo_runs_chosen_settings_and_rejects_bad_ones(tmp_path):
         bad = runner.invoke(app, ["demo", "--fast", "--out", str(tmp_path / "bad"), "--run", spec])
         assert bad.exit_code == 1 and message in bad.output
         assert not (tmp_path / "bad").exists()
+
+
+def test_demo_over_seeds_reports_mean_and_spread_of_each_cell(tmp_path):
+    """--seeds 0,1: one demo per seed in OUT/seed-N/, and each summary cell as mean / sample sd / min / max
+    of the per-seed values (recomputed here from the per-seed reports)."""
+    import statistics
+
+    out = tmp_path / "seeds"
+    result = runner.invoke(app, ["demo", "--fast", "--seeds", "0,1", "--run", "ga lr=0.01", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / demo.SEEDS_REPORT).read_text())
+    assert record["seeds"] == [0, 1] and [m["method"] for m in record["methods"]] == ["base", "ga lr=0.01"]
+    per_seed = {seed: json.loads((out / f"seed-{seed}" / demo.REPORT).read_text()) for seed in (0, 1)}
+    assert per_seed[0]["settings"]["seed"] == 0 and per_seed[1]["settings"]["seed"] == 1
+    for method in record["methods"]:
+        for column in demo.SUMMARY_COLUMNS:
+            values = [row[column] for seed in (0, 1) for row in demo.summary_rows(per_seed[seed])
+                      if row["method"] == method["method"] and row[column] is not None]
+            cell = method["cells"][column]
+            if not values:
+                assert cell is None
+                continue
+            assert cell["mean"] == pytest.approx(statistics.fmean(values)) and cell["n"] == len(values)
+            assert cell["sd"] == pytest.approx(statistics.stdev(values)) if len(values) > 1 else cell["sd"] is None
+            assert (cell["min"], cell["max"]) == (min(values), max(values))
+    assert any(cell and cell["sd"] for m in record["methods"] for cell in m["cells"].values())  # seeds differ
+    table = (out / demo.SEEDS_MARKDOWN).read_text()
+    assert "over seeds 0, 1" in table and "±" in table and "| ga lr=0.01 |" in table
+    assert "over seeds 0, 1" in result.output
+
+
+def test_seeds_bad_input_is_one_line(tmp_path):
+    for arguments, message in ((["--seeds", "0,x"], "--seeds takes comma-separated integers"),
+                               (["--seeds", "1"], "--seeds needs two or more different seeds"),
+                               (["--seeds", "1,1"], "--seeds needs two or more different seeds"),
+                               (["--seeds", "0,1", "--seed", "3"], "give --seed or --seeds, not both")):
+        result = runner.invoke(app, ["demo", "--fast", "--out", str(tmp_path / "x"), *arguments])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.output
+        assert not (tmp_path / "x").exists()
