@@ -72,6 +72,17 @@ class Plugin:
         conformance suite with presets["conformance"] on tiny models. A TrainingPlugin must declare some."""
         return []
 
+    def footprint(self, model, shapes, config) -> list:
+        """The memory the edit needs, for `mmedit plan`: a list of mmedit.plan.Phase, each the bytes held at
+        that phase's peak, on `model` (mmedit.plan.Sized: the shapes, built on the meta device) and the
+        data's `shapes` (mmedit.plan.Shapes). Default: the weights, and the declared parts kept whole."""
+        from mmedit.plan import base_phase
+        from mmedit.plugins.originals import footprint
+
+        phase = base_phase(model, "edit")
+        footprint(phase, model, {name: model.numel[name] for name in model.names(self.parts(config))})
+        return [phase]
+
     def report_table(self, report: dict):
         """A rich renderable of edit()'s report for `mmedit apply` to print (None: nothing to show).
         Plugins do not print themselves, so that callers such as `mmedit demo` stay quiet."""

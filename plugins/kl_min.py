@@ -1,7 +1,7 @@
 """KL-Min: ascent on the forget set, NLL on the retain set, and KL(p_θ₀ ‖ p_θ) on the retain answers."""
 from mmedit.plugins import losses
 from mmedit.plugins.objectives import Objective, forget_nll, retain_kl
-from mmedit.plugins.training import TrainingPlugin
+from mmedit.plugins.training import TrainingPlugin, reference_rows
 
 
 class KLMin(TrainingPlugin):
@@ -20,6 +20,12 @@ class KLMin(TrainingPlugin):
         retain = trainer.forward(step.retain)
         kl = losses.kl_to_reference(retain.answer_logits, step.reference("retain")["logits"])
         return -trainer.forward(step.forget).nll + retain.nll + kl
+
+    def footprint(self, model, shapes, config):
+        phases = super().footprint(model, shapes, config)
+        logits = reference_rows(shapes, config, "retain") * shapes.answers * model.vocab * model.element
+        phases[-1].add("references", logits, off_device=model.device != "cpu")
+        return phases
 
     def objectives(self, config):
         return [Objective("forget answer NLL", forget_nll(config.forms), "up", 0.05),

@@ -121,6 +121,34 @@ class MMUnlearner(TrainingPlugin):
             return -trainer.forward(step.forget).nll
         return trainer.forward(step.retain).nll
 
+    def footprint(self, model, shapes, config, selected: float = 0.5):
+        """Three Fisher passes (retain, text, forget: float32 sums of the scope's squared gradients, two sets
+        at a time), then training: the scope whole for retain steps, `selected` of it (an assumption: the
+        mask is data) for forget steps, with a bool mask of the scope."""
+        from types import SimpleNamespace
+
+        from mmedit.plan import base_phase, graph_modes
+        from mmedit.plugins.training import training_phase
+
+        names = maskable(SimpleNamespace(model=model.model, model_map=model.map), self.parts(config))
+        scope = sum(model.numel[name] for name in names)
+        language = sum(model.numel[name] for name in names if model.map.part_of(name)[0] == "llm")
+        trained = {model.map.part_of(name)[0] for name in names}
+        off = model.device != "cpu"  # finished statistics are moved to the CPU
+        phases = []
+        for which, form, accumulating, finished in (("retain", "multimodal", scope, 0), ("text", "text", language, scope),
+                                                    ("forget", "multimodal", scope, scope)):
+            batch = shapes.batch("retain" if which == "text" else which, form, config.batch_size)
+            phase = base_phase(model, f"Fisher ({which})").add("statistics", 4 * accumulating)
+            phase.add("statistics", 4 * finished, off_device=off)
+            phase.add("gradients", accumulating * model.element)
+            phase.add("activations", model.activations(batch, graph_modes(trained, form)))
+            phases.append(phase)
+        kinds = {"retain": {name: model.numel[name] for name in names},
+                 "forget": {name: int(model.numel[name] * selected) for name in names}}
+        training = training_phase(model, shapes, config, kinds, [("retain", "multimodal")]).add("statistics", scope)
+        return phases + [training]
+
     def objectives(self, config):
         return [Objective("forget minus retain VQA answer NLL", nll_gap("multimodal"), "up", 0.05),
                 Objective("retain VQA answer NLL", retain_nll("multimodal"), "kept", 0.05)]

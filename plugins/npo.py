@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from mmedit.plugins import losses
 from mmedit.plugins.base import option, require
 from mmedit.plugins.objectives import Objective, forget_nll
-from mmedit.plugins.training import BaselineConfig, Trainer, TrainingPlugin
+from mmedit.plugins.training import BaselineConfig, Trainer, TrainingPlugin, largest_form
 
 
 @dataclass
@@ -34,6 +34,17 @@ class NPO(TrainingPlugin):
     def loss(self, trainer, step):
         return losses.npo(trainer.forward(step.forget).sequence_nll, step.reference("forget")["nll"],
                           trainer.config.beta)
+
+    def footprint(self, model, shapes, config):
+        """With `ref`, a second model of the same shape is loaded for the θ₀ passes before training."""
+        from mmedit.plan import base_phase
+
+        phases = super().footprint(model, shapes, config)
+        if config.ref:
+            batch = shapes.batch("forget", largest_form(config.forms), config.batch_size)
+            phases.insert(0, base_phase(model, "reference model").add("references", model.bytes(model.numel))
+                          .add("activations", model.activations(batch, {}, "loss")))
+        return phases
 
     def objectives(self, config):
         return [Objective("forget answer NLL", forget_nll(config.forms), "up", 0.05)]

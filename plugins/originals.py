@@ -176,3 +176,16 @@ class _Changes(Mapping):
 
     def __len__(self) -> int:
         return len(self.originals.kept)
+
+
+def footprint(phase, model, kept: Mapping[str, int]) -> None:
+    """A plan's originals (mmedit.plan): `kept` elements per parameter, in CPU memory beside a GPU; on a
+    CPU in a temporary file from MIN_SPILL bytes on (phase.disk), else in memory."""
+    for elements in kept.values():
+        nbytes = elements * model.element
+        if model.device != "cpu":
+            phase.add("originals", nbytes, off_device=True)
+        elif nbytes >= MIN_SPILL:
+            phase.disk += nbytes
+        else:
+            phase.add("originals", nbytes)

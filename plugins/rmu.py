@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from mmedit.plugins import losses
 from mmedit.plugins.base import option, require
 from mmedit.plugins.objectives import Objective, retain_state_distance, steered_distance
-from mmedit.plugins.training import Selection, TrainConfig, TrainingPlugin, forms_option, steered_layer
+from mmedit.plugins.training import (Selection, TrainConfig, TrainingPlugin, forms_option, largest_form, reference_rows,
+                                     steered_layer)
 
 
 @dataclass
@@ -59,6 +60,13 @@ class RMU(TrainingPlugin):
         base = step.reference("retain")["states"]
         return (losses.misdirection(forget, target(trainer, config, step.forget, forget))
                 + config.alpha * losses.retain_state(retain, base))
+
+    def footprint(self, model, shapes, config):
+        phases = super().footprint(model, shapes, config)
+        tokens = shapes.batch("retain", largest_form(config.forms), 1).tokens
+        states = reference_rows(shapes, config, "retain") * tokens * model.hidden("llm") * model.element
+        phases[-1].add("references", states, off_device=model.device != "cpu")
+        return phases
 
     def objectives(self, config):
         return [Objective("forget states' distance to c*u", steered_distance(steered_layer, target, config.forms),

@@ -485,6 +485,55 @@ class Trainer(Passes):
         self.losses.append(loss.item())
 
 
+def training_phase(model, shapes, config, kinds: Mapping[str, Mapping[str, int]], steps: Sequence[tuple[str, str]],
+                   name: str = "training"):
+    """A plan's training phase (mmedit.plan): `kinds` step kind -> {parameter: selected elements} (all of
+    its elements: trained whole), `steps` the (set, form) batches one step's loss backpropagates through.
+    AdamW keeps two values per selected element in the parameter's dtype; a step holds the whole-trained
+    parameters' gradients, or a compact selection's gathered gradient and values plus one full gradient
+    at a time; the originals of every selected element are kept."""
+    from mmedit.plan import base_phase, graph_modes
+    from mmedit.plugins.originals import footprint
+
+    phase, kept = base_phase(model, name), {}
+    for selected in kinds.values():
+        for param, elements in selected.items():
+            kept[param] = max(kept.get(param, 0), elements)
+    footprint(phase, model, kept)
+    phase.add("optimizer", 2 * model.element * sum(sum(selected.values()) for selected in kinds.values()))
+    gradients = 0
+    for selected in kinds.values():
+        whole = sum(n for param, n in selected.items() if n == model.numel[param])
+        compact = {param: n for param, n in selected.items() if n != model.numel[param]}
+        largest = max((model.numel[param] for param in compact), default=0)
+        gradients = max(gradients, whole + 2 * sum(compact.values()) + largest)
+    phase.add("gradients", gradients * model.element)
+    trained = {model.map.part_of(param)[0] for selected in kinds.values() for param in selected}
+    phase.add("activations", sum(model.activations(shapes.batch(which, form, config.batch_size),
+                                                   graph_modes(trained, form), checkpointing=config.checkpointing)
+                                 for which, form in steps))
+    return phase
+
+
+def reference_rows(shapes, config, which: str, anchor: str = "forget") -> int:
+    """Rows of set `which` whose θ₀ quantities a paired schedule keeps: every anchor row, and of the other
+    set one batch per anchor batch (per form and epoch)."""
+    other = "retain" if anchor == "forget" else "forget"
+    batches = {name: -(-shapes.rows.get(name, 0) // config.batch_size) for name in (anchor, other)}
+    if which == anchor:
+        rows = shapes.rows.get(anchor, 0)
+    else:
+        rows = min(batches[anchor], batches[other]) * config.batch_size if batches[other] else 0
+        if batches[anchor] > batches[other]:  # the shorter set cycled: every row of it
+            rows = shapes.rows.get(other, 0)
+    return rows * len(FORMS[config.forms]) * config.epochs
+
+
+def largest_form(forms: str) -> str:
+    """The form of a forms option whose batches are longest (the image form, when there is one)."""
+    return FORMS[forms][0]
+
+
 class TrainingPlugin(Plugin):
     """A gradient method: override `loss`; `selections`, `schedule` and `references` when the defaults do
     not fit."""
@@ -514,3 +563,21 @@ class TrainingPlugin(Plugin):
 
     def edit(self, job: Job, config) -> dict:
         return Trainer(job, config, self).run()
+
+    def footprint(self, model, shapes, config) -> list:
+        """One training phase from the selections, made on the plan's meta model (whole parameters; a
+        method whose selections depend on data, or hold masks, overrides this), and one forget batch per
+        step, plus a retain batch for a method that needs the retain set."""
+        from types import SimpleNamespace
+
+        names = dict.fromkeys(model.names(self.parts(config)))
+        job = SimpleNamespace(model=model.model, model_map=model.map, original=names, seed=0)
+        sizer = SimpleNamespace(job=job, model=model.model, params=dict(model.model.named_parameters()), config=config)
+        kinds = {}
+        for kind, selection in self.selections(sizer, config).items():
+            if any(mask is not None for mask in selection.masks.values()):
+                raise MmeditError(f"{self.name}: selections with masks need a footprint() of their own")
+            kinds[kind] = {name: model.numel[name] for name in selection.masks}
+        form = largest_form(config.forms)
+        steps = [("forget", form)] + ([("retain", form)] if self.needs_retain else [])
+        return [training_phase(model, shapes, config, kinds, steps)]

@@ -178,6 +178,25 @@ class MANU(Plugin):
             report.plot(summary, config.plot)
         return summary
 
+    def footprint(self, model, shapes, config):
+        """Tracing (no gradients) of both sets in both forms, their statistics, then the pruned slices kept."""
+        from mmedit.plan import base_phase
+        from mmedit.plugins.originals import footprint
+
+        sites = candidate_sites(model.map, self.parts(config))
+        stats = sum(2 * 2 * 6 * site.width * 8 for site in sites)  # forget + retain, two forms, six fields
+        batch = shapes.batch("forget", "multimodal", config.batch_size)
+        tracing = base_phase(model, "tracing").add("statistics", stats).add(
+            "activations", model.activations(batch, {}, "loss") // 2)
+        pruning = base_phase(model, "pruning").add("statistics", stats)
+        kept = {}
+        for site in sites:
+            chosen = math.ceil(site.width * config.alpha / 100)
+            for producer in site.producers:
+                kept[producer.param] = chosen * model.numel[producer.param] // site.width
+        footprint(pruning, model, kept)
+        return [tracing, pruning]
+
     def report_table(self, summary):
         return report.table(summary)
 

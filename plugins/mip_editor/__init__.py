@@ -33,15 +33,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from mmedit.errors import MmeditError
 from mmedit.plugins.base import option, require
-from mmedit.plugins.training import Selection, TrainConfig, TrainingPlugin, forms_option, paired, steered_layer
+from mmedit.plugins.training import (Selection, TrainConfig, TrainingPlugin, forms_option, largest_form, paired,
+                                     reference_rows, steered_layer, training_phase)
 from mmedit.plugins.mip_editor.interventions import POSITIONS, model_inputs
 from mmedit.plugins.mip_editor.paths import NeuronPaths
-from mmedit.plugins.mip_editor.search import METHODS, find_paths
+from mmedit.plugins.mip_editor.search import METHODS, find_paths, search_sites
 from mmedit.plugins import losses
 from mmedit.plugins.objectives import Objective, retain_state_distance, steered_distance
 
@@ -61,7 +63,9 @@ class MIPEditorConfig(TrainConfig):
     positions: str = option("answer", "Token positions scaled and read in the LLM: answer (those predicting the "
                             "answer: last prompt token and answer tokens), all (non-pad), first (position 0, as "
                             "the reference code).", choices=POSITIONS)
-    search_batch: int = option(64, "Rows (samples x steps) per traced pass of the path search.")
+    search_batch: int = option(0, "Rows (samples x steps) per traced pass of the path search (0: sized from the "
+                               "memory plan, so that the search holds no more activations than a training step; "
+                               "at most 64). Any size finds the same paths.")
     prune: bool = option(True, "Zero the path neurons (their last producer's rows and bias) before training.")
     rmisu: bool = option(True, "Train with RMisU after pruning (false: prune only).")
     restrict: bool = option(True, "Train only the rows of path neurons (false: every MLP producer weight row of the "
@@ -79,7 +83,7 @@ class MIPEditorConfig(TrainConfig):
         super().__post_init__()
         require(self.steps >= 1, "steps", "be at least 1")
         require(self.top_k >= 1, "top_k", "be at least 1")
-        require(self.search_batch >= 1, "search_batch", "be at least 1")
+        require(self.search_batch >= 0, "search_batch", "be >= 0 (0: sized from the memory plan)")
         require(self.layer >= 0, "layer", "be >= 0")
         require(self.alpha >= 0 and self.beta >= 0, "alpha/beta", "be >= 0")
         require(self.lam > 0, "lam", "be > 0")
@@ -108,14 +112,15 @@ def prune_producers(site) -> list:
 def get_paths(job, config) -> NeuronPaths:
     """Precomputed paths (stats["paths"]: a NeuronPaths or a paths file) or a fresh search on job.forget."""
     parts = tuple(part for part in SIDES[config.side])
+    rows = config.search_batch or search_rows(job, config)
 
     def compute():
         return find_paths(job.model, job.processor, job.forget, model_map=job.model_map, parts=parts,
                           steps=config.steps, top_k=config.top_k, positions=config.positions,
-                          batch_rows=config.search_batch, progress=job.progress)
+                          batch_rows=rows, progress=job.progress)
 
     paths = job.statistics("paths", compute, {"parts": parts, "steps": config.steps, "top_k": config.top_k,
-                                              "positions": config.positions, "batch": config.search_batch})
+                                              "positions": config.positions, "batch": rows})
     if isinstance(paths, (str, Path)):
         paths = NeuronPaths.load(paths)
     elif not isinstance(paths, NeuronPaths):
@@ -127,6 +132,69 @@ def get_paths(job, config) -> NeuronPaths:
     if not paths.neurons:
         raise MmeditError(f"mip_editor: the paths hold no neuron of the {config.side} side")
     return paths
+
+
+MAX_SEARCH_ROWS = 64
+
+
+def search_rows(job, config) -> int:
+    """search_batch=0: the rows per path-search pass whose activations are at most a training step's
+    (mmedit.plan on the job's model and forget rows), between 1 and MAX_SEARCH_ROWS."""
+    from mmedit.plan import Sized, shapes_from_rows
+
+    weight = next(job.model.parameters())
+    model = Sized(job.model.config, str(weight.dtype).removeprefix("torch."), weight.device.type)
+    sample = {"forget": job.forget, "retain": job.retain[: 4 * config.batch_size] or job.forget}
+    shapes = shapes_from_rows(model, job.processor, sample, config.batch_size)
+    return plan_search_rows(model, shapes, config)
+
+
+def plan_search_rows(model, shapes, config) -> int:
+    if config.search_batch:
+        return config.search_batch
+    budget = rmisu_phase(model, shapes, config).terms["activations"]
+    one = max(search_phase(model, shapes, config, part, 1).terms["activations"] for part in SIDES[config.side])
+    return max(1, min(MAX_SEARCH_ROWS, budget // one))
+
+
+def search_phase(model, shapes, config, part: str, rows: int):
+    """A plan's path search of `part`: passes of `rows` rows (samples x steps) through the frozen model,
+    gradients from the answer to the scaled site values (which are kept, with their gradients)."""
+    from mmedit.arch import PARTS
+    from mmedit.plan import base_phase, site_bytes
+
+    batch = shapes.batch("forget", METHODS[part][1], rows)
+    modes = {later: "inputs" for later in PARTS[PARTS.index(part):]}
+    phase = base_phase(model, f"path search ({part})")
+    return phase.add("activations", model.activations(batch, modes) + 2 * site_bytes(model, batch, [part]))
+
+
+def rmisu_phase(model, shapes, config):
+    """A plan's RMisU phase: the path rows (at most top_k per forget row and layer) of the sites the loss
+    reaches, or every producer row (restrict=false); θ₀'s states at layer l kept for the retain batches."""
+    from mmedit.plugins.originals import footprint
+
+    layer = steered_layer(SimpleNamespace(model_map=model.map), config)
+    kinds, pruned = {"train": {}}, {}
+    for part in SIDES[config.side]:
+        for site in search_sites(model.map, part, METHODS[part][1]):
+            neurons = min(site.width, config.top_k * shapes.rows.get("forget", 1))
+            if config.prune:
+                for producer in prune_producers(site):
+                    pruned[producer.param] = neurons * model.numel[producer.param] // site.width
+            if reaches(site, layer, config.forms):
+                for producer in weight_producers(site):
+                    whole = model.numel[producer.param]
+                    kinds["train"][producer.param] = whole if not config.restrict else neurons * whole // site.width
+    form = largest_form(config.forms)
+    phase = training_phase(model, shapes, config, kinds, [("forget", form), ("retain", form)])
+    footprint(phase, model, pruned)
+    tokens = shapes.batch("retain", form, 1).tokens
+    states = reference_rows(shapes, config, "retain", anchor="retain")
+    if config.target == "adaptive":
+        states += reference_rows(shapes, config, "forget", anchor="retain")
+    phase.add("references", states * tokens * model.hidden("llm") * model.element, off_device=model.device != "cpu")
+    return phase
 
 
 def prune(job, paths: NeuronPaths) -> int:
@@ -216,6 +284,13 @@ class MIPEditor(TrainingPlugin):
 
     def parts(self, config):
         return SIDES[config.side]
+
+    def footprint(self, model, shapes, config):
+        """The path search of each side (passes of search_batch rows, or as many as a training step's
+        activations allow), then RMisU on the path rows."""
+        rows = plan_search_rows(model, shapes, config)
+        phases = [search_phase(model, shapes, config, part, rows) for part in SIDES[config.side]]
+        return phases + ([rmisu_phase(model, shapes, config)] if config.rmisu else [])
 
     def objectives(self, config):
         """RMisU's two terms (after pruning, from the pruned point)."""

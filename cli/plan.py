@@ -1,0 +1,116 @@
+"""`mmedit plan`: the peak memory a trace, eval, merge or plugin run needs, from the model's config alone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mmedit.cli.common import Dtype, TrustRemoteCode, out, user_errors
+from mmedit.errors import MmeditError
+
+TARGETS = ("trace", "eval", "merge")
+
+
+@user_errors
+def plan_command(
+    target: Annotated[str, typer.Argument(help="trace, eval, merge, or a plugin name (mmedit plugins).")],
+    model: Annotated[str, typer.Argument(help="HF model directory or hub id: only its config is read.")],
+    forget: Annotated[Path | None, typer.Option(help="Forget set (JSONL or parquet): its sizes and lengths.")] = None,
+    retain: Annotated[Path | None, typer.Option(help="Retain set: its sizes and lengths.")] = None,
+    dtype: Dtype = "auto",
+    device: Annotated[str, typer.Option(help="Where the run would be: cpu or cuda.")] = "cuda",
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Rows per batch (default: the target's own).")] = None,
+    grads: Annotated[bool, typer.Option("--grads", help="trace: with gradient statistics.")] = False,
+    tokens: Annotated[int, typer.Option(min=1, help="Text tokens per row when no data is given.")] = 48,
+    rows: Annotated[int, typer.Option(min=1, help="Rows per set when no data is given.")] = 40,
+    settings: Annotated[list[str] | None, typer.Option("--set", help="Plugin option key=value (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Predict the peak memory of a run per device, with a breakdown (weights, gradients, optimizer state,
+    original values kept for the delta, statistics, θ₀ quantities, activations), without loading weights.
+
+    Example: mmedit plan mmunlearner llava-hf/llava-1.5-7b-hf --dtype bfloat16 --device cuda
+    """
+    from mmedit import plan as planning
+
+    config = planning.read_config(model, trust_remote_code)
+    chosen = dtype if dtype != "auto" else str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    sized = planning.Sized(config, chosen, device)
+    plugin, options = None, None
+    if target not in TARGETS:
+        from mmedit.cli.apply import parse_overrides
+        from mmedit.plugins import get
+
+        plugin = get(target)
+        overrides = parse_overrides(None, settings or [])
+        if batch_size is not None and "batch_size" in {f.name for f in plugin.options()}:
+            overrides.setdefault("batch_size", batch_size)
+        options = plugin.configure(overrides)
+    elif settings:
+        raise MmeditError(f"--set is for plugin options; {target} has none")
+    size = batch_size or getattr(options, "batch_size", None) or {"eval": 16}.get(target, 4)
+    shapes = _shapes(planning, sized, model, forget, retain, size, tokens, rows, trust_remote_code)
+    if target == "trace":
+        result = planning.plan_trace(sized, shapes, batch_size=size, grads=grads)
+    elif target == "eval":
+        result = planning.plan_eval(sized, shapes, batch_size=size)
+    elif target == "merge":
+        result = planning.plan_merge(sized)
+    else:
+        result = planning.plan_plugin(target, plugin.footprint, sized, shapes, options)
+    if as_json:
+        print(json.dumps(result.to_json()))
+    else:
+        out.print(_table(planning, result, model))
+
+
+def _shapes(planning, sized, model: str, forget, retain, batch_size: int, tokens: int, rows: int,
+            trust_remote_code: bool):
+    """The data's shapes measured with the model's processor when data is given, else from the config."""
+    if forget is None and retain is None:
+        return planning.shapes_from_config(sized, {"forget": rows, "retain": rows}, text_tokens=tokens)
+    from transformers import AutoProcessor
+
+    from mmedit.data import read_rows
+    from mmedit.errors import first_line
+
+    try:
+        processor = AutoProcessor.from_pretrained(model, local_files_only=Path(model).exists(),
+                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError) as error:
+        raise MmeditError(f"--forget/--retain need the model's processor to count tokens: {first_line(error)}") from None
+    sets = {name: read_rows(path) for name, path in (("forget", forget), ("retain", retain)) if path is not None}
+    return planning.shapes_from_rows(sized, processor, sets, batch_size)
+
+
+def _table(planning, result, model: str) -> Table:
+    phases = result.phases
+    device = result.model.device
+    table = Table(title=f"mmedit plan {result.target} {model}: {result.model.params / 1e6:,.1f}M parameters, "
+                        f"{result.model.dtype} on {device}; peak {planning.human(result.peak_bytes)} "
+                        f"({result.peak.name})")
+    table.add_column("term")
+    for phase in phases:
+        table.add_column(phase.name + (" (peak)" if phase is result.peak else ""), justify="right")
+    where = [device] + (["cpu"] if device != "cpu" else [])
+    for place in where:
+        for term in planning.TERMS:
+            values = [result.on(phase, place).get(term, 0) for phase in phases]
+            if any(values):
+                table.add_row(f"{term} ({place})" if len(where) > 1 else term,
+                              *(planning.human(value) if value else "-" for value in values))
+        totals = [sum(result.on(phase, place).values()) for phase in phases]
+        table.add_row(f"[bold]total ({place})[/]", *(f"[bold]{planning.human(value)}[/]" for value in totals))
+    if any(phase.disk for phase in phases):
+        table.add_row("temporary files", *(planning.human(phase.disk) if phase.disk else "-" for phase in phases))
+    if result.assumed:
+        table.caption = "assumed: " + "; ".join(result.assumed)
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan_command)

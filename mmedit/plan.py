@@ -1,0 +1,379 @@
+"""Memory plans: the peak bytes a run needs per device, predicted from the model's config alone.
+
+    config = read_config("llava-hf/llava-1.5-7b-hf")             # config.json only, no weights
+    model = Sized(config, "bfloat16", "cuda")                     # built on the meta device
+    plan = plan_trace(model, shapes_from_config(model, 4), grads=True)
+    plan.peak_bytes, plan.breakdown, plan.per_device
+    check_fits(plan, available_bytes("cuda"))                      # one MmeditError line if it cannot fit
+
+A plan is a list of phases (tracing, Fisher, training, ...), each a breakdown of the bytes it holds at its
+peak: weights, gradients, optimizer state, original values kept for the delta, statistics (Fisher...),
+θ₀ quantities (references), activations and the runtime's own (CUDA context, kernels' workspaces); the
+peak is the largest phase. Bytes held off the model's device (originals and references kept in CPU
+memory beside a GPU) are listed per device; on a CPU everything is the same memory. What a plugin holds
+it declares itself (Plugin.footprint, which builds the phases from these pieces); this module never
+imports a plugin.
+
+Activations are what autograd keeps for the backward pass (plus the logits and the loss's float32
+copies), per token and decoder layer: a (hidden width) + b (MLP width) bytes, with a and b measured with
+torch.autograd.graph.saved_tensors_hooks on Llama-style (gated MLP) and CLIP-style layers in torch 2.13 /
+transformers 5.23 with SDPA attention (no T^2 term): ACTIVATION below. A layer whose weights train keeps
+more than one that only passes gradients on ("inputs"), and a pass without gradients keeps none.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mmedit.errors import MmeditError
+
+ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
+TERMS = ("weights", "gradients", "optimizer", "originals", "statistics", "references", "activations", "runtime")
+# bytes per token and layer: (per hidden unit, per MLP unit), by layer kind, what needs gradients, element size
+ACTIVATION = {
+    ("gated", "weights", 4): (40, 16), ("gated", "weights", 2): (24, 8),
+    ("gated", "inputs", 4): (24, 12), ("gated", "inputs", 2): (16, 6),
+    ("plain", "weights", 4): (32, 12), ("plain", "weights", 2): (16, 6),
+    ("plain", "inputs", 4): (24, 8), ("plain", "inputs", 2): (12, 4),
+}
+RUNTIME = {"cpu": 64 << 20, "cuda": 1 << 30}  # kernels and workspaces on first use; a CUDA context (estimate)
+TEXT_TOKENS = 48  # config-only plans: a question + short answer with the chat template, per row
+QWEN_STYLE_IMAGE = 448  # config-only plans: the side of an image where the vision tower takes any size
+
+
+def read_config(model: str, trust_remote_code: bool = False):
+    """The transformers config of a local model directory or hub id (config.json only)."""
+    from mmedit.loading import _config
+
+    return _config(model, trust_remote_code)[2]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The geometry of one batch: rows, LLM positions per row, images and vision positions per image."""
+
+    rows: int
+    tokens: int
+    images: int
+    patches: int
+
+
+class Sized:
+    """A model's shapes without its weights: built from the config on the meta device, with its ModelMap."""
+
+    def __init__(self, config, dtype: str = "float32", device: str = "cpu"):
+        from transformers import AutoModelForImageTextToText
+
+        from mmedit.arch import model_map
+
+        if dtype not in ELEMENT:
+            raise MmeditError(f"unknown dtype {dtype!r}; use {', '.join(ELEMENT)}")
+        if device.split(":")[0] not in RUNTIME:
+            raise MmeditError(f"unknown device {device!r}; use cpu or cuda")
+        self.config, self.dtype, self.device = config, dtype, device.split(":")[0]
+        self.element = ELEMENT[dtype]
+        with torch.device("meta"):
+            self.model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
+        self.map = model_map(self.model)
+        self.numel = {name: p.numel() for name, p in self.model.named_parameters()}
+        self.params = sum(self.numel.values())
+        self.cls = int(any(name.endswith("class_embedding") for name in self.numel))  # CLIP's extra position
+
+    def bytes(self, names) -> int:
+        return sum(self.numel[name] for name in names) * self.element
+
+    def names(self, parts: Sequence[str]) -> list[str]:
+        return [name for part in parts for name in self.map.parameters(part)]
+
+    @property
+    def vocab(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def hidden(self, part: str) -> int:
+        """The hidden width of a part's layers (the input width of its first neuron site's producer)."""
+        site = self.map.sites_of(part)[0]
+        weight = next(p for p in site.producers if not p.param.endswith("bias"))
+        return self.numel[weight.param] // site.width
+
+    def positions(self, part: str, batch: Batch) -> int:
+        return batch.rows * batch.tokens if part == "llm" else batch.images * (batch.patches + self.cls)
+
+    def activations(self, batch: Batch, modes: Mapping[str, str], head: str = "train",
+                    checkpointing: bool = False) -> int:
+        """Bytes one forward (+ backward) of `batch` keeps: modes part -> "weights" (its layers train),
+        "inputs" (gradients pass through) or "none"; head: "train" (logits, the loss's float32 log-softmax
+        and their gradients), "loss" (the same without a backward), "none". checkpointing: each layer
+        keeps its input only, and one layer at a time its activations (recomputed in the backward)."""
+        total, largest = 0, 0
+        for site in self.map.sites:
+            mode = modes.get(site.part, "none")
+            if mode == "none":
+                continue
+            weights = [p for p in site.producers if not p.param.endswith("bias")]
+            width = self.numel[weights[0].param] // site.width  # the layer's input width
+            kind = "gated" if len(weights) > 1 else "plain"
+            per_width, per_mlp = ACTIVATION[kind, mode, self.element]
+            layer = self.positions(site.part, batch) * (per_width * width + per_mlp * site.width + 4 * (width // 64 + 2))
+            if checkpointing:
+                layer, largest = self.positions(site.part, batch) * width * self.element, max(largest, layer)
+            total += layer
+        total += largest
+        logits = batch.rows * batch.tokens * self.vocab
+        if head == "train":
+            total += logits * (2 * self.element + 8)
+        elif head == "loss":
+            total += logits * (self.element + 8)
+        return total
+
+
+@dataclass
+class Shapes:
+    """The data's geometry: rows per set; per (set, form) the longest padded LLM length of a batch; vision
+    positions per image; answer tokens per row (the longest); `assumed`: what was not measured on data."""
+
+    rows: dict[str, int]
+    tokens: dict[tuple[str, str], int]
+    patches: int
+    answers: int
+    assumed: list[str] = field(default_factory=list)
+
+    def batch(self, which: str, form: str, rows: int) -> Batch:
+        """A batch of `rows` rows of set `which` in `form` (at most the set's size)."""
+        rows = max(1, min(rows, self.rows.get(which) or rows))
+        tokens = self.tokens.get((which, form)) or self.tokens.get(("forget", form)) or max(self.tokens.values())
+        return Batch(rows, tokens, rows if form == "multimodal" else 0, self.patches)
+
+
+def shapes_from_config(model: Sized, rows: Mapping[str, int], text_tokens: int = TEXT_TOKENS,
+                       answers: int = 16) -> Shapes:
+    """Shapes without data: `text_tokens` per row (`answers` of them answer tokens) plus the image tokens
+    the config implies."""
+    config, assumed = model.config, [f"{text_tokens} text tokens per row, {answers} of them the answer (no data)"]
+    vision = getattr(config, "vision_config", None)
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if not (isinstance(size, int) and isinstance(patch, int)):
+        size, patch = QWEN_STYLE_IMAGE, patch if isinstance(patch, int) else 14
+        assumed.append(f"{size} px images (the vision tower takes any size)")
+    patches = (size // patch) ** 2
+    merge = getattr(vision, "spatial_merge_size", 1) or 1
+    image_tokens = next((value for value in (getattr(config, key, None) for key in
+                                             ("image_seq_length", "mm_tokens_per_image")) if isinstance(value, int)),
+                        patches // merge ** 2)
+    tokens = {(which, form): text_tokens + (image_tokens if form == "multimodal" else 0)
+              for which in rows for form in ("multimodal", "text")}
+    return Shapes(dict(rows), tokens, patches, answers, assumed)
+
+
+def shapes_from_rows(model: Sized, processor, sets: Mapping[str, Sequence], batch_size: int) -> Shapes:
+    """Shapes measured on the data: every set encoded in both forms at `batch_size` rows per batch."""
+    from mmedit.data.batches import FORMS, IGNORE, make_batches
+
+    tokens, patches, answers = {}, 0, 0
+    patch = getattr(getattr(model.config, "vision_config", None), "patch_size", 14)
+    for which, rows in sets.items():
+        for form in FORMS:
+            usable = [row for row in rows if form == "text" or row.image is not None]
+            for batch in make_batches(usable, processor, form, batch_size=batch_size):
+                tokens[which, form] = max(tokens.get((which, form), 0), batch.inputs["input_ids"].shape[1])
+                answers = max(answers, int((batch.inputs["labels"] != IGNORE).sum(dim=1).max()))
+                pixels = batch.inputs.get("pixel_values")
+                if pixels is not None:  # [rows, (crops,) 3, H, W], or Qwen's flattened patches
+                    grid = pixels.shape[0] // len(batch.rows) if pixels.dim() == 2 else \
+                        math.prod(pixels.shape[1:-3]) * (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+                    patches = max(patches, grid)
+    if not tokens:
+        raise MmeditError("the plan's data sets are empty")
+    return Shapes({which: len(rows) for which, rows in sets.items()}, tokens, patches, answers)
+
+
+@dataclass
+class Phase:
+    """One phase of a run and the bytes it holds at its peak: `terms` on the model's device, `host` in CPU
+    memory beside a GPU (the same memory on a CPU run), `disk` in temporary files."""
+
+    name: str
+    terms: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+    disk: int = 0
+
+    def add(self, term: str, nbytes: int, *, off_device: bool = False) -> Phase:
+        if term not in TERMS:
+            raise MmeditError(f"unknown memory term {term!r}; terms are {', '.join(TERMS)}")
+        where = self.host if off_device else self.terms
+        where[term] = where.get(term, 0) + int(nbytes)
+        return self
+
+
+@dataclass
+class Plan:
+    target: str
+    model: Sized
+    phases: list[Phase]
+    assumed: list[str] = field(default_factory=list)
+
+    def on(self, phase: Phase, device: str) -> dict[str, int]:
+        """The phase's bytes on `device` ("cpu" or the model's device), by term."""
+        if self.model.device == "cpu":
+            merged = dict(phase.terms)
+            for term, value in phase.host.items():
+                merged[term] = merged.get(term, 0) + value
+            return merged
+        return dict(phase.terms if device == self.model.device else phase.host)
+
+    @property
+    def peak(self) -> Phase:
+        return max(self.phases, key=lambda phase: sum(self.on(phase, self.model.device).values()))
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.breakdown.values())
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        on = self.on(self.peak, self.model.device)
+        return {term: on.get(term, 0) for term in TERMS}
+
+    @property
+    def per_device(self) -> dict[str, int]:
+        devices = {self.model.device: max(sum(self.on(p, self.model.device).values()) for p in self.phases)}
+        if self.model.device != "cpu":
+            devices["cpu"] = max(sum(self.on(p, "cpu").values()) for p in self.phases)
+        devices["disk"] = max(phase.disk for phase in self.phases)
+        return devices
+
+    def to_json(self) -> dict:
+        return {"target": self.target, "model_type": self.model.config.model_type, "params": self.model.params,
+                "dtype": self.model.dtype, "device": self.model.device, "peak_bytes": self.peak_bytes,
+                "peak_phase": self.peak.name, "breakdown": self.breakdown, "per_device": self.per_device,
+                "phases": [{"name": p.name, self.model.device: self.on(p, self.model.device),
+                            **({"cpu": self.on(p, "cpu")} if self.model.device != "cpu" else {}), "disk": p.disk}
+                           for p in self.phases],
+                "assumed": self.assumed}
+
+
+def base_phase(model: Sized, name: str) -> Phase:
+    """A phase that holds the weights and the runtime."""
+    return Phase(name).add("weights", model.bytes(model.numel)).add("runtime", RUNTIME[model.device])
+
+
+def site_bytes(model: Sized, batch: Batch, parts: Sequence[str]) -> int:
+    """The neuron values of every site of `parts` for one batch (what a trace with gradients reads twice:
+    the values and their gradients)."""
+    return sum(model.positions(site.part, batch) * site.width * model.element
+               for site in model.map.sites if site.part in parts)
+
+
+def graph_modes(trained: Sequence[str], form: str) -> dict[str, str]:
+    """Per part, what a training step's backward needs: "weights" where parameters train, "inputs" after
+    the first part that trains (the gradient passes through), "none" before it or where a text-only batch
+    does not run (vision, projector)."""
+    from mmedit.arch import PARTS
+
+    modes, started = {}, False
+    for part in PARTS:
+        started = started or part in trained
+        runs = form == "multimodal" or part == "llm"
+        modes[part] = ("weights" if part in trained else "inputs") if started and runs else "none"
+    return modes
+
+
+def plan_trace(model: Sized, shapes: Shapes, *, batch_size: int = 4, grads: bool = False,
+               parts: Sequence[str] = ("vision", "projector", "llm"), forms: Sequence[str] = ("multimodal", "text"),
+               which: str = "forget") -> Plan:
+    """`mmedit trace`: one batch at a time; with gradients, autograd keeps what the activations' gradients
+    need (no weight gradients), and the site values and their gradients are read."""
+    phases = []
+    for form in forms:
+        batch = shapes.batch(which, form, batch_size)
+        phase = base_phase(model, f"trace {form}")
+        if grads:
+            phase.add("activations", model.activations(batch, {part: "inputs" for part in parts}, "loss")
+                      + 2 * site_bytes(model, batch, parts))
+        else:
+            phase.add("activations", model.activations(batch, {}, "loss") // 2 + site_bytes(model, batch, parts))
+        phase.add("statistics", stats_bytes(model, parts))
+        phases.append(phase)
+    return Plan("trace", model, phases, shapes.assumed)
+
+
+def stats_bytes(model: Sized, parts: Sequence[str], forms: int = 2, groups: int = 5) -> int:
+    """TraceStats: float64 blocks of at most 9 fields x groups x width per site and form."""
+    return sum(9 * groups * forms * site.width * 8 for site in model.map.sites if site.part in parts)
+
+
+def plan_eval(model: Sized, shapes: Shapes, *, batch_size: int = 16, max_new_tokens: int = 16) -> Plan:
+    """`mmedit eval`: forward passes without gradients, and generation with a key/value cache."""
+    batch = shapes.batch("forget", "multimodal", batch_size)
+    config = getattr(model.config, "text_config", model.config)
+    heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 1)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // getattr(config, "num_attention_heads", 1)
+    cache = 2 * len(model.map.residual) * batch.rows * (batch.tokens + max_new_tokens) * heads * head_dim * model.element
+    phase = base_phase(model, "evaluate").add("activations", model.activations(batch, {}, "loss") // 2 + cache)
+    return Plan("eval", model, [phase], shapes.assumed)
+
+
+def plan_merge(model: Sized) -> Plan:
+    """`mmedit merge`: the checkpoint loaded, the deltas applied in place, the folder written."""
+    largest = max(model.numel.values()) * model.element
+    phase = base_phase(model, "merge").add("activations", largest)
+    return Plan("merge", model, [phase], ["plus the deltas' own size (mmedit inspect shows it)"])
+
+
+def plan_plugin(target: str, footprint, model: Sized, shapes: Shapes, config) -> Plan:
+    """A plugin's plan: footprint(model, shapes, config) -> phases (Plugin.footprint)."""
+    phases = list(footprint(model, shapes, config))
+    if not phases:
+        raise MmeditError(f"{target}: its footprint declares no phase")
+    return Plan(target, model, phases, shapes.assumed)
+
+
+def human(nbytes: int) -> str:
+    value, unit = float(nbytes), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{nbytes} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def available_bytes(device: str) -> int:
+    """Free memory on `device`: CUDA's free bytes, or the CPU's MemAvailable."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MmeditError(f"device {device!r}: CUDA is not available here")
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+ADVICE = {"activations": "lower --batch-size or --set checkpointing=true",
+          "gradients": "train a narrower scope (--set parts=... or scope=...)",
+          "optimizer": "train a narrower scope (--set parts=... or scope=...)",
+          "statistics": "narrow the scope (--set scope=... or parts=...)",
+          "originals": "run on a GPU (originals stay in CPU memory) or narrow the scope",
+          "references": "use fewer retain rows or a lower --batch-size",
+          "weights": "use --dtype bfloat16 or a larger device",
+          "runtime": "use a larger device"}
+
+
+def check_fits(plan: Plan, available: int) -> None:
+    """Refuse a run the plan says cannot fit: one line with the predicted and available bytes and what to
+    change (the advice for the peak phase's largest term)."""
+    if plan.peak_bytes <= available:
+        return
+    breakdown = plan.breakdown
+    largest = max((term for term in breakdown if term not in ("weights", "runtime")), key=breakdown.get)
+    if breakdown["weights"] > available:
+        largest = "weights"
+    raise MmeditError(f"{plan.target} needs about {human(plan.peak_bytes)} on {plan.model.device} at its "
+                      f"{plan.peak.name} peak ({largest} {human(breakdown[largest])}), {human(available)} available; "
+                      f"{ADVICE[largest]}")
