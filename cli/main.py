@@ -8,6 +8,10 @@ import typer
 # transformers' own tqdm bars ("Loading weights", "Writing model shards") would interleave with mmedit's
 # rich progress; the CLI shows its own.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# OpenMP threads that wait by spinning make torch 3-10x slower than one thread whenever the cores are busy
+# with other work (a shared machine, CI, two mmedit runs); waiting passively costs nothing when they are
+# idle (BENCHMARKS.md "CPU threads"). Set before torch loads (commands import it lazily); a user's value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     name="mmedit",

@@ -137,3 +137,18 @@ def test_cli_thread_default_is_one_thread_for_small_models_on_cpu(llava, monkeyp
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(default)
+
+
+def test_cli_makes_openmp_wait_passively_unless_told_otherwise():
+    """Set before torch loads: spinning OpenMP waits make several threads far slower on a busy machine."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import mmedit.cli.main, os, sys; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.split() == ["PASSIVE", "False"]  # and torch is not loaded yet, so libgomp will see it
+    mine = subprocess.run([sys.executable, "-c", code], env=env | {"OMP_WAIT_POLICY": "ACTIVE"},
+                          capture_output=True, text=True, check=True)
+    assert mine.stdout.split()[0] == "ACTIVE"
