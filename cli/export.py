@@ -32,14 +32,14 @@ def export_command(
     quiet_transformers()
     result = to_peft(delta_path, peft, base=base, rank=rank, force=force)
     for name, error in result.errors.items():
-        out.print(f"{name}: truncated SVD, relative Frobenius error {error:.3g}", highlight=False)
+        out.print(f"{name}: truncated SVD, relative Frobenius error {error:.3g}", highlight=False, soft_wrap=True)
     if result.errors:
         worst = max(result.errors, key=result.errors.get)
-        out.print(f"worst relative error {result.errors[worst]:.3g} ({worst})", highlight=False)
+        out.print(f"worst relative error {result.errors[worst]:.3g} ({worst})", highlight=False, soft_wrap=True)
     top = max(result.ranks.values())
     exact = "exact" if not result.errors else f"{len(result.errors)} tensor(s) approximated"
     out.print(f"wrote {result.path}: {len(result.ranks)} LoRA modules (rank up to {top}), "
-              f"{len(result.biases)} whole bias(es); {exact}", highlight=False)
+              f"{len(result.biases)} whole bias(es); {exact}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
