@@ -271,3 +271,17 @@ def test_the_command_runs_as_a_subprocess(zoo_root, tmp_path):
     again = subprocess.run([*command, str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and again.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'out'} already exists; pass --force to replace it"]
+
+
+def test_tied_weights_are_refused(zoo_root, tmp_path):
+    """A tensor two modules share (embeddings tied to lm_head) would get two LoRAs that merge twice."""
+    model, _ = fresh("llava", zoo_root)
+    embeddings = model.get_submodule("model.language_model.embed_tokens")
+    model.lm_head.weight = embeddings.weight
+    name = "model.language_model.embed_tokens.weight"
+    new = embeddings.weight.detach().clone()
+    new[[3, 7]] = 1.0
+    delta = Delta.from_changes({name: (embeddings.weight.detach(), new)})
+    with pytest.raises(MmeditError, match=r"shared by model\.language_model\.embed_tokens and lm_head \(tied"):
+        to_peft(delta, tmp_path / "tied", base=model)
+    assert not (tmp_path / "tied").exists()
