@@ -26,6 +26,8 @@ def plan_command(
     grads: Annotated[bool, typer.Option("--grads", help="trace: with gradient statistics.")] = False,
     tokens: Annotated[int, typer.Option(min=1, help="Text tokens per row when no data is given.")] = 48,
     rows: Annotated[int, typer.Option(min=1, help="Rows per set when no data is given.")] = 40,
+    memory: Annotated[str | None, typer.Option(help="The device's memory to plan for, e.g. 80GB or 24GiB (default: "
+                                                    "its free memory when the device is here).")] = None,
     settings: Annotated[list[str] | None, typer.Option("--set", help="Plugin option key=value (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     trust_remote_code: TrustRemoteCode = False,
@@ -37,6 +39,7 @@ def plan_command(
     """
     from mmedit import plan as planning
 
+    budget = planning.parse_bytes(memory) if memory is not None else _free(planning, device)
     config = planning.read_config(model, trust_remote_code)
     chosen = dtype if dtype != "auto" else str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     sized = planning.Sized(config, chosen, device)
@@ -61,11 +64,23 @@ def plan_command(
     elif target == "merge":
         result = planning.plan_merge(sized)
     else:
-        result = planning.plan_plugin(target, plugin.footprint, sized, shapes, options)
+        result = planning.plan_plugin(target, plugin.footprint, sized, shapes, options, budget)
+    fits = None if budget is None else result.peak_bytes <= budget
     if as_json:
-        print(json.dumps(result.to_json()))
-    else:
-        out.print(_table(planning, result, model))
+        print(json.dumps(result.to_json() | {"memory": budget, "fits": fits}))
+        return
+    out.print(_table(planning, result, model))
+    if budget is not None:
+        verdict = "fits" if fits else "does not fit"
+        out.print(f"{verdict} in {planning.human(budget)} on {sized.device}: peak {planning.human(result.peak_bytes)}")
+
+
+def _free(planning, device: str) -> int | None:
+    """The device's free bytes when it is on this machine, else None."""
+    try:
+        return planning.available_bytes(device)
+    except MmeditError:
+        return None
 
 
 def _shapes(planning, sized, model: str, forget, retain, batch_size: int, tokens: int, rows: int,

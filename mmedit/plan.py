@@ -22,6 +22,7 @@ more than one that only passes gradients on ("inputs"), and a pass without gradi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ ACTIVATION = {
     ("plain", "inputs", 4): (24, 8), ("plain", "inputs", 2): (12, 4),
 }
 RUNTIME = {"cpu": 64 << 20, "cuda": 1 << 30}  # kernels and workspaces on first use; a CUDA context (estimate)
+FIT = 0.9  # a run whose plan exceeds this share of the free memory does not fit (the plan is an estimate)
 TEXT_TOKENS = 48  # config-only plans: a question + short answer with the chat template, per row
 QWEN_STYLE_IMAGE = 448  # config-only plans: the side of an image where the vision tower takes any size
 
@@ -322,12 +324,29 @@ def plan_merge(model: Sized) -> Plan:
     return Plan("merge", model, [phase], ["plus the deltas' own size (mmedit inspect shows it)"])
 
 
-def plan_plugin(target: str, footprint, model: Sized, shapes: Shapes, config) -> Plan:
-    """A plugin's plan: footprint(model, shapes, config) -> phases (Plugin.footprint)."""
+def plan_plugin(target: str, footprint, model: Sized, shapes: Shapes, config, memory: int | None = None) -> Plan:
+    """A plugin's plan: footprint(model, shapes, config) -> phases (Plugin.footprint). An option
+    checkpointing="auto" is planned off, and on where that plan exceeds FIT of `memory` (the device's
+    free bytes; None: unknown, so off)."""
+    auto = getattr(config, "checkpointing", None) == "auto"
+    planned = Plan(target, model, _phases(target, footprint, model, shapes, config, "off" if auto else None),
+                   list(shapes.assumed))
+    if auto and memory is not None and planned.peak_bytes > FIT * memory:
+        on = _phases(target, footprint, model, shapes, config, "on")
+        planned = Plan(target, model, on, planned.assumed + [f"checkpointing=auto: on (without it the plan exceeds "
+                                                             f"{FIT:.0%} of {human(memory)})"])
+    elif auto:
+        planned.assumed.append("checkpointing=auto: off" + ("" if memory is not None else " (no device size given)"))
+    return planned
+
+
+def _phases(target: str, footprint, model: Sized, shapes: Shapes, config, checkpointing: str | None) -> list[Phase]:
+    if checkpointing is not None:
+        config = dataclasses.replace(config, checkpointing=checkpointing)
     phases = list(footprint(model, shapes, config))
     if not phases:
         raise MmeditError(f"{target}: its footprint declares no phase")
-    return Plan(target, model, phases, shapes.assumed)
+    return phases
 
 
 def human(nbytes: int) -> str:
@@ -337,6 +356,20 @@ def human(nbytes: int) -> str:
             break
         value, unit = value / 1024, bigger
     return f"{nbytes} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+         "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB', '24GiB', '8e10' -> bytes."""
+    import re
+
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not found or found.group(2) not in UNITS:
+        raise MmeditError(f"cannot read {text!r} as a size; write e.g. 80GB, 24GiB or 8e10")
+    return int(float(found.group(1)) * UNITS[found.group(2)])
 
 
 def available_bytes(device: str) -> int:

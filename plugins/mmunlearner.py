@@ -108,7 +108,7 @@ class MMUnlearner(TrainingPlugin):
         masks = {}
         for name in names:
             ratio = (forget.fisher(name, "multimodal") + EPSILON) / (preserve.pop(name) + EPSILON)
-            masks[name] = (ratio >= config.tau).to(trainer.params[name].device)
+            masks[name] = (ratio >= config.tau).cpu()  # in CPU memory: a forget step moves one at a time
         if not any(bool(mask.any()) for mask in masks.values()):
             raise MmeditError(f"mmunlearner: the saliency mask selects no weight at tau={config.tau}; lower tau")
         return {"forget": Selection(masks), "retain": Selection.whole(names)}
@@ -141,12 +141,13 @@ class MMUnlearner(TrainingPlugin):
             batch = shapes.batch("retain" if which == "text" else which, form, config.batch_size)
             phase = base_phase(model, f"Fisher ({which})").add("statistics", 4 * accumulating)
             phase.add("statistics", 4 * finished, off_device=off)
-            phase.add("gradients", accumulating * model.element)
+            phase.add("gradients", max(model.numel[name] for name in names) * model.element)  # one at a time
             phase.add("activations", model.activations(batch, graph_modes(trained, form)))
             phases.append(phase)
         kinds = {"retain": {name: model.numel[name] for name in names},
                  "forget": {name: int(model.numel[name] * selected) for name in names}}
-        training = training_phase(model, shapes, config, kinds, [("retain", "multimodal")]).add("statistics", scope)
+        training = training_phase(model, shapes, config, kinds, [("retain", "multimodal")])
+        training.add("statistics", scope, off_device=off)  # the bool masks
         return phases + [training]
 
     def objectives(self, config):

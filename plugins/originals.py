@@ -81,8 +81,8 @@ class Originals(Mapping):
                 index = torch.as_tensor(index, dtype=torch.int64, device=tensor.device)
                 record = _Kept(self._store(tensor.index_select(axis, index)), axis % tensor.dim(), index.cpu())
             elif mask is not None:
-                mask = mask.expand(tensor.shape).to(tensor.device)
-                record = _Kept(self._store(tensor.masked_select(mask)), mask=mask)
+                mask = mask.expand(tensor.shape)
+                record = _Kept(self._store(tensor.masked_select(mask.to(tensor.device))), mask=mask.cpu())
             else:
                 record = _Kept(self._store(tensor))
         self.kept.setdefault(name, []).append(record)

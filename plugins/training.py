@@ -25,12 +25,14 @@ tensor of its selected values: the parameter's full gradient lives only until au
 (a post-accumulate hook gathers the selected part and frees it), and AdamW's state is as small as the
 selection. The results are those of masking full-tensor gradients (elementwise the same AdamW update;
 outside a selection a masked gradient is +0.0 and leaves the element bit-identical). θ₀'s quantities are
-stored off the GPU between steps; `checkpointing=true` recomputes activations in the backward (HF
-gradient checkpointing) for less activation memory at the same result.
+stored off the GPU between steps; `checkpointing=on` recomputes activations in the backward (HF gradient
+checkpointing) for less activation memory at the same result, and `auto` (the default) turns it on when
+mmedit.plan predicts the training step would not fit in FIT of the device's free memory otherwise.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -71,8 +73,10 @@ class TrainConfig:
     batch_size: int = option(4, "Rows per batch.")
     grad_clip: float = option(1.0, "Clip the gradient norm of each step to this (0: no clipping).")
     max_steps: int = option(0, "Stop after this many optimisation steps (0: run the whole schedule).")
-    checkpointing: bool = option(False, "Recompute activations in the backward pass (HF gradient checkpointing): "
-                                 "less activation memory, the same result, about a third more compute.")
+    checkpointing: str = option("auto", "Recompute activations in the backward pass (HF gradient checkpointing): "
+                                "less activation memory, the same result, about a third more compute. auto: on "
+                                "when the memory plan says the training step would not fit otherwise.",
+                                choices=("auto", "on", "off"))
 
     def __post_init__(self):
         require(0 < self.lr <= torch.finfo(torch.float32).max, "lr", "be a positive number")
@@ -131,7 +135,11 @@ class Selection:
 
     def size(self, params: Mapping[str, torch.Tensor]) -> int:
         """How many elements may change."""
-        return sum(params[n].numel() if m is None else int(m.expand(params[n].shape).sum()) for n, m in self.masks.items())
+        return sum(self.sizes(params).values())
+
+    def sizes(self, params: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """How many elements of each parameter may change."""
+        return {n: params[n].numel() if m is None else int(m.expand(params[n].shape).sum()) for n, m in self.masks.items()}
 
     def check(self, params: Mapping[str, torch.Tensor], what: str) -> None:
         for name, mask in self.masks.items():
@@ -329,14 +337,16 @@ class Trainable:
         return self.index is None and self.mask is None
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.index_select(self.axis, self.index) if self.mask is None else tensor.masked_select(self.mask)
+        if self.mask is None:
+            return tensor.index_select(self.axis, self.index.to(tensor.device))
+        return tensor.masked_select(self.mask.to(tensor.device))  # a mask may be kept in CPU memory
 
     def scatter(self, values: torch.Tensor) -> None:
         target = self.param.detach()
         if self.mask is None:
-            target.index_copy_(self.axis, self.index, values)
+            target.index_copy_(self.axis, self.index.to(target.device), values)
         else:
-            target.masked_scatter_(self.mask, values)
+            target.masked_scatter_(self.mask.to(target.device), values)
 
 
 class Trainer(Passes):
@@ -401,6 +411,7 @@ class Trainer(Passes):
             raise MmeditError(f"{self.method.name}: the schedule has no steps (empty data?)")
         self._keep_originals()
         self.prepare(plan)
+        checkpointing = self.checkpointing(plan)
         optimizers = {kind: torch.optim.AdamW([t.leaf for t in trainables], lr=self.config.lr, weight_decay=0.0)
                       for kind, trainables in self.trainables.items()}
         hooks = [self.params[name].register_post_accumulate_grad_hook(self._gather)
@@ -410,7 +421,7 @@ class Trainer(Passes):
                 for param in self.model.parameters():
                     param.requires_grad_(False)
                 self.model.train()
-                if self.config.checkpointing:
+                if checkpointing:
                     self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 for index, (kind, forget, retain) in enumerate(
                         track(plan, f"{self.method.name}: training", enabled=self.job.progress)):
@@ -422,7 +433,7 @@ class Trainer(Passes):
         finally:
             for hook in hooks:
                 hook.remove()
-            if self.config.checkpointing:
+            if checkpointing:
                 self.model.gradient_checkpointing_disable()
         for selection in self.selections.values():
             bad = [n for n in selection.masks if not bool(torch.isfinite(self.params[n]).all())]
@@ -431,6 +442,27 @@ class Trainer(Passes):
                                   "(try a lower lr)")
         return {"steps": len(plan), "loss": {"first": self.losses[0], "last": self.losses[-1]},
                 "trainable": {kind: s.size(self.params) for kind, s in self.selections.items()}}
+
+    def checkpointing(self, plan: list) -> bool:
+        """Whether to recompute activations: checkpointing=on/off, or (auto) whether the memory plan of this
+        run's training step (its selections, the first step's batches, measured on the rows) exceeds FIT
+        of the device's free memory without it."""
+        if self.config.checkpointing != "auto":
+            return self.config.checkpointing == "on"
+        from mmedit import plan as planning
+
+        weight = next(self.model.parameters())
+        model = planning.Sized(self.model.config, str(weight.dtype).removeprefix("torch."), self.device.type)
+        sample = {which: list(getattr(self.job, which))[: 4 * self.config.batch_size] for which in ("forget", "retain")}
+        shapes = planning.shapes_from_rows(model, self.job.processor, {k: v for k, v in sample.items() if v},
+                                           self.config.batch_size)
+        kinds = {kind: selection.sizes(self.params) for kind, selection in self.selections.items()}
+        _, forget, retain = plan[0]
+        steps = [(which, chunk[1]) for which, chunk in (("forget", forget), ("retain", retain))
+                 if chunk is not None and (which == "forget" or self.method.needs_retain or forget is None)]
+        off = dataclasses.replace(self.config, checkpointing="off")
+        phase = training_phase(model, shapes, off, kinds, steps)
+        return sum(phase.terms.values()) > planning.FIT * planning.available_bytes(str(self.device))
 
     def _keep_originals(self) -> None:
         """job.original.keep() of what the selections may change: whole, or the union of their masks."""
@@ -510,7 +542,8 @@ def training_phase(model, shapes, config, kinds: Mapping[str, Mapping[str, int]]
     phase.add("gradients", gradients * model.element)
     trained = {model.map.part_of(param)[0] for selected in kinds.values() for param in selected}
     phase.add("activations", sum(model.activations(shapes.batch(which, form, config.batch_size),
-                                                   graph_modes(trained, form), checkpointing=config.checkpointing)
+                                                   graph_modes(trained, form),
+                                                   checkpointing=config.checkpointing == "on")
                                  for which, form in steps))
     return phase
 

@@ -285,7 +285,7 @@ def test_gradient_checkpointing_gives_the_same_edit(llava, rows):
     model, processor = llava
     options = {"lr": 1e-3, "max_steps": 3, "batch_size": 2}
     plain = apply_plugin("graddiff", model, processor, rows[:4], rows[4:], options, progress=False)
-    checkpointed = apply_plugin("graddiff", model, processor, rows[:4], rows[4:], options | {"checkpointing": True},
+    checkpointed = apply_plugin("graddiff", model, processor, rows[:4], rows[4:], options | {"checkpointing": "on"},
                                 progress=False)
     assert_same_edit(model, checkpointed, plain)
     assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())

@@ -1,13 +1,14 @@
 """Run batches through an nnsight trace and stream per-neuron statistics into a `TraceStats`.
 
 One traced forward per batch reads every neuron site (in execution order: vision -> projector -> LLM);
-when gradients are asked, one `torch.autograd.grad` of the answer NLL w.r.t. exactly those tensors
-(the ones the model really consumed) follows. Sites that no gradient reaches are dead branches: they
+when gradients are asked, one backward pass of the answer NLL into exactly those tensors (the ones the
+model really consumed) follows. Sites that no gradient reaches are dead branches: they
 are reported in the result's metadata and get no gradient statistics, never zeros.
 
 Memory: no parameter but the Fisher ones requires a gradient during a trace (the graph starts at the
-input embeddings and the pixel values), so no weight gradient is made and autograd keeps only what the
-activations' gradients need.
+input embeddings and the pixel values), so no other weight gradient is made and autograd keeps only what
+the activations' gradients need; a Fisher parameter's gradient is squared into its sum and freed as soon
+as autograd has made it.
 """
 from __future__ import annotations
 
@@ -110,12 +111,11 @@ def trace_batch(wrapped, model_map, sites, inputs: dict, form: str, accumulator:
         loss = output.loss
         if not torch.isfinite(loss):
             raise MmeditError(f"non-finite loss ({loss.item()}) on a {form} batch; check the model and data")
-        computed = torch.autograd.grad(loss, [*values, *fisher.values()], allow_unused=True)
-        site_grads = computed[: len(sites)]
-        for name, grad in zip(fisher, computed[len(sites) :]):
-            if grad is None:
-                raise MmeditError(f"no gradient reaches Fisher parameter {name}: it is off the loss path")
-            accumulator.add_fisher(form, name, grad)
+        leaves = [value for value in values if value.requires_grad]
+        for value in leaves:
+            value.retain_grad()
+        _backward(loss, leaves, fisher, lambda name, grad: accumulator.add_fisher(form, name, grad))
+        site_grads = [value.grad if value.requires_grad else None for value in values]
         if fisher:
             accumulator.count_fisher_batch(form)
     llm_groups = position_groups(model_map.token_masks(inputs, inputs.get("labels")))
@@ -130,6 +130,31 @@ def trace_batch(wrapped, model_map, sites, inputs: dict, form: str, accumulator:
             masks = {"all": torch.ones(value.shape[:-1], dtype=torch.bool, device=value.device)}
         accumulator.add(site.name, form, value, masks, grad if grads else None)
     return dead
+
+
+def _backward(loss, leaves, fisher: dict[str, torch.Tensor], square) -> None:
+    """loss.backward() into the site values' .grad and, one weight at a time, square(name, grad) for each
+    Fisher parameter (its gradient freed at once: at most one weight gradient exists at a time)."""
+    reached, kept = set(), {name: param.grad for name, param in fisher.items()}
+
+    def take(param, name):
+        square(name, param.grad)
+        param.grad = None
+        reached.add(name)
+
+    hooks = [param.register_post_accumulate_grad_hook(lambda p, n=name: take(p, n)) for name, param in fisher.items()]
+    try:
+        for param in fisher.values():
+            param.grad = None
+        torch.autograd.backward(loss, inputs=[*leaves, *fisher.values()])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for name, param in fisher.items():
+            param.grad = kept[name]
+    missing = [name for name in fisher if name not in reached]
+    if missing:
+        raise MmeditError(f"no gradient reaches Fisher parameter {missing[0]}: it is off the loss path")
 
 
 def trace(
