@@ -113,6 +113,8 @@ def child(size: str, dtype: str, target: str) -> dict:
                 delta = apply_plugin(target, model, made, forget, retain, progress=False)
                 delta.save(Path(folder) / "delta.safetensors")
                 result["delta_bytes"] = delta.nbytes
+                result["report"] = {key: value for key, value in delta.header()["report"].items()
+                                    if key in ("mask", "path_neurons", "steps", "trainable")}
         result["seconds"] = time.perf_counter() - start
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return result
@@ -129,23 +131,24 @@ def run(size: str, dtype: str, target: str) -> dict:
 
 
 def predicted(result: dict) -> int:
-    """mmedit.plan's predicted peak (bytes above the baseline) for this run."""
+    """mmedit.plan's predicted peak (bytes above the baseline) for this run, with the data's own shapes."""
     from mmedit import plan
 
     made = processor()
+    model = plan.Sized(config(result["size"], made), result["dtype"], "cpu")
     with tempfile.TemporaryDirectory() as folder:
         data = rows(Path(folder))
-        forget, retain = data[:FORGET], data[FORGET:]
-        target = {"trace": "trace", "trace-grads": "trace"}.get(result["target"], result["target"])
-        options = {"grads": True} if result["target"] == "trace-grads" else {}
-        if target == "trace":
-            estimate = plan.plan_trace(config(result["size"], made), made, forget, dtype=result["dtype"],
-                                       device="cpu", batch_size=4, **options)
+        sets = {"forget": data[:FORGET], "retain": data[FORGET:]}
+        if result["target"] in TRACES:
+            shapes = plan.shapes_from_rows(model, made, sets, 4)
+            estimate = plan.plan_trace(model, shapes, grads=result["target"] == "trace-grads")
         else:
             from mmedit.plugins import get
 
-            estimate = plan.plan_plugin(get(target), {}, config(result["size"], made), made, forget, retain,
-                                        dtype=result["dtype"], device="cpu")
+            plugin = get(result["target"])
+            options = plugin.configure()
+            shapes = plan.shapes_from_rows(model, made, sets, getattr(options, "batch_size", 4))
+            estimate = plan.plan_plugin(result["target"], plugin.footprint, model, shapes, options)
     return estimate.peak_bytes
 
 

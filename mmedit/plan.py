@@ -388,7 +388,7 @@ def available_bytes(device: str) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-ADVICE = {"activations": "lower --batch-size or --set checkpointing=true",
+ADVICE = {"activations": "lower --batch-size or --set checkpointing=on",
           "gradients": "train a narrower scope (--set parts=... or scope=...)",
           "optimizer": "train a narrower scope (--set parts=... or scope=...)",
           "statistics": "narrow the scope (--set scope=... or parts=...)",
