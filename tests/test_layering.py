@@ -53,7 +53,7 @@ LAYERS = {  # layer -> (its modules and packages, the layers it may import); a l
     "arch": (("mmedit.arch",), ("base", "data")),
     "loading": (("mmedit.loading",), ("base", "arch")),
     "trace": (("mmedit.trace",), ("base", "data", "arch")),
-    "delta": (("mmedit.delta", "mmedit.checkpoint"), ("base", "arch", "loading")),
+    "delta": (("mmedit.delta", "mmedit.checkpoint", "mmedit.export"), ("base", "arch", "loading")),
     "zoo": (("mmedit.zoo",), ("base", "arch", "loading")),
     "eval": (("mmedit.eval",), ("base", "data", "arch", "loading", "trace", "delta")),
     "bench": (("mmedit.bench",), ("base", "data", "arch", "loading", "zoo", "eval")),
