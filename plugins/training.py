@@ -553,12 +553,10 @@ def reference_rows(shapes, config, which: str, anchor: str = "forget") -> int:
     set one batch per anchor batch (per form and epoch)."""
     other = "retain" if anchor == "forget" else "forget"
     batches = {name: -(-shapes.rows.get(name, 0) // config.batch_size) for name in (anchor, other)}
-    if which == anchor:
-        rows = shapes.rows.get(anchor, 0)
-    else:
-        rows = min(batches[anchor], batches[other]) * config.batch_size if batches[other] else 0
-        if batches[anchor] > batches[other]:  # the shorter set cycled: every row of it
-            rows = shapes.rows.get(other, 0)
+    if which == anchor or batches[anchor] >= batches[other]:  # every batch of it (the other one cycled)
+        rows = shapes.rows.get(which, 0)
+    else:  # the other set cut after as many batches as the anchor has
+        rows = batches[anchor] * config.batch_size
     return rows * len(FORMS[config.forms]) * config.epochs
 
 

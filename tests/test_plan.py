@@ -97,6 +97,27 @@ def test_graddiff_runs_two_batches_and_rmu_trains_llm_mlps_only(tiny, real):
     assert result.breakdown["references"] == 8 * 30 * 64 * 4
 
 
+def test_graph_modes_and_the_rows_whose_references_are_kept(tiny):
+    """Downstream of the first part that trains, gradients only pass through ("inputs"); a paired schedule
+    keeps θ₀'s quantities for every anchor row and one partner batch per anchor batch."""
+    assert plan.graph_modes({"vision"}, "multimodal") == {"vision": "weights", "projector": "inputs", "llm": "inputs"}
+    assert plan.graph_modes({"llm"}, "multimodal") == {"vision": "none", "projector": "none", "llm": "weights"}
+    assert plan.graph_modes({"vision", "llm"}, "text") == {"vision": "none", "projector": "none", "llm": "weights"}
+    mmu = get("mmunlearner")
+    vision = plan.plan_plugin("mmunlearner", mmu.footprint, sized(tiny), SHAPES, mmu.configure({"scope": "vision"}))
+    assert vision.phases[-1].terms["activations"] == hand_activations(4, 30, 4, "inputs", "weights")
+    uneven = plan.Shapes({"forget": 4, "retain": 12}, SHAPES.tokens, 4, 3)
+    rmu = get("rmu").configure()
+    result = plan.plan_plugin("rmu", get("rmu").footprint, sized(tiny), uneven, rmu)
+    assert result.breakdown["references"] == 4 * 30 * 64 * 4  # one forget batch: one retain batch of 4 rows
+    cycled = plan.Shapes({"forget": 12, "retain": 2}, SHAPES.tokens, 4, 3)
+    result = plan.plan_plugin("rmu", get("rmu").footprint, sized(tiny), cycled, rmu)
+    assert result.breakdown["references"] == 2 * 30 * 64 * 4  # three forget batches: the 2 retain rows cycled
+    mip = get("mip_editor").configure({"side": "text"})
+    anchored = plan.plan_plugin("mip_editor", get("mip_editor").footprint, sized(tiny), uneven, mip)
+    assert anchored.phases[-1].terms["references"] == 12 * 30 * 64 * 4  # anchored on retain: every retain row
+
+
 def test_on_a_gpu_originals_and_references_are_in_cpu_memory(tiny):
     config = get("kl_min").configure()
     on_cpu = plan.plan_plugin("kl_min", get("kl_min").footprint, sized(tiny), SHAPES, config)
