@@ -284,6 +284,15 @@ def test_cli_bad_input_is_one_line_before_the_model_loads(shipped, edited, tmp_p
     assert len(shown.output.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_cli_relearn_without_peft_is_one_line_before_the_model_loads(shipped, edited, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    monkeypatch.setattr("mmedit.cli.attack.load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    out = tmp_path / "attack.json"
+    shown = runner.invoke(app, _arguments(shipped, edited, out, "--attacks", "relearn"))
+    assert shown.exit_code == 1 and shown.output.strip().startswith("error: relearn with LoRA needs peft: pip install peft")
+    assert not out.exists()
+
+
 def test_cli_refuses_a_data_folder_without_what_relearn_needs(shipped, edited, tmp_path):
     paths, info = shipped
     data = tmp_path / "data"

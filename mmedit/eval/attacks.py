@@ -212,8 +212,8 @@ def _peft():
     try:
         import peft
     except ImportError:
-        raise MmeditError("relearn with LoRA needs peft: pip install 'mmedit[attack]' (or relearn every weight "
-                          "with --full)") from None
+        raise MmeditError("relearn with LoRA needs peft: pip install peft, or mmedit's attack extra (or relearn "
+                          "every weight with --full)") from None
     return peft
 
 
