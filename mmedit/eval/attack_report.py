@@ -67,7 +67,7 @@ def mia_table(result: dict) -> Table | None:
         "AUC = P(a member person scores more member-like than a never-seen one): 1 = told apart, 0.5 = "
         "indistinguishable (the goal for forget people), below 0.5 = less familiar than strangers; retain "
         "people are the check that the attack works (near 1); - where a form has no usable control rows"))
-    for column in ("model", "form", "members", "loss AUC", f"Min-K% AUC"):
+    for column in ("model", "form", "members", "loss AUC", "Min-K% AUC"):
         grid.add_column(column, justify="left" if column in ("model", "form", "members") else "right")
     for model, values in found["models"].items():
         for form, by_member in values["auc"].items():
