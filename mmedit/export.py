@@ -171,7 +171,7 @@ def _rows_factors(change: Change, layout: Layout) -> tuple[torch.Tensor, torch.T
     one_hot = torch.zeros(size, k, dtype=dtype)
     one_hot[index, torch.arange(k)] = 1
     if change.axis == layout.row_axis:
-        return slices.reshape(k, -1), one_hot
+        return slices.reshape(k, -1).contiguous(), one_hot  # movedim leaves a view safetensors cannot save
     return one_hot.T.contiguous(), slices.reshape(k, -1).T.contiguous()
 
 

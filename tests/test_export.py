@@ -127,6 +127,19 @@ def test_row_changes_across_parts_are_the_adapter_exactly(family, zoo_root, rows
     print(f"{family}: max |logit difference| {difference:.3g}")
 
 
+def test_embedding_columns_export_exactly(zoo_root, rows, tmp_path):
+    """Changed columns (axis 1) of the token embedding: the transposed construction, saved contiguously."""
+    model, _ = fresh("llava", zoo_root)
+    name = "model.language_model.embed_tokens.weight"
+    old = dict(model.named_parameters())[name].detach()
+    new = old.clone()
+    new[:, [5, 2]] = torch.randn(new.shape[0], 2, generator=torch.Generator().manual_seed(3))
+    delta = Delta.from_changes({name: (old, new)}, model=model)
+    assert delta.changes[name].axis == 1
+    to_peft(delta, tmp_path / "adapter", base=model)
+    assert compare("llava", zoo_root, delta, tmp_path / "adapter", rows) <= 1e-5
+
+
 def test_manu_zeroed_clip_fc1_rows_and_biases_export_exactly(zoo_root, rows, tmp_path):
     from mmedit.plugins import apply_plugin
 
