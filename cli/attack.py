@@ -63,7 +63,7 @@ def attack_command(
     (forgotten in the image form, still known in the text form, and the reverse). Each runs on the edited
     model and, as control, on the base; recovery = (attacked - edited) / (base - edited).
 
-    Example: mmedit attack tiny --delta mmu.safetensors --data bench --attacks quantize,mia,leakage --mia-control bench-small/retain90.jsonl --out attack.json --plot attack.png
+    Example: mmedit attack tiny --delta mmu.safetensors --data bench --attacks quantize,mia,leakage --mia-control bench-small/retain90.jsonl --out attack-mia.json --plot attack-mia.png
     """
     from mmedit import __version__
     from mmedit.cli.eval import delta_provenance, set_sha256

@@ -196,6 +196,46 @@ def test_the_model_is_bit_identical_after_every_attack(edited, result):
     assert all(torch.equal(after[name].view(torch.int32), before[name].view(torch.int32)) for name in before)
 
 
+def test_relearn_trains_on_one_half_of_the_facts_and_scores_only_the_other(edited, monkeypatch):
+    """What the attacker fits on is never scored: no fact (person, answer) of the training rows is among
+    the scored rows, the two halves cover the forget set, and benign relearning uses other people."""
+    from mmedit.eval.attack_metrics import fact_key
+
+    model, processor, sets, delta, _, _ = edited
+    trained, scored = [], []
+
+    def fake_relearn(model, processor, rows, settings, progress=True, description=""):
+        trained.append(list(rows))
+        return [0.0]
+
+    def spy(self, model, rows_forget, description):
+        scored.append(list(rows_forget))
+        return self.reference(rows_forget)["edited"]
+
+    monkeypatch.setattr(attacks, "relearn", fake_relearn)
+    monkeypatch.setattr(attacks._Context, "evaluate", spy)
+    attacks.run(model, processor, sets, [delta], ("relearn",), Settings(), progress=False)
+    forget_part, retain_only = trained[0], trained[2]  # (base, edited) per variant
+    assert trained[1] == forget_part and trained[3] == retain_only
+    fitted = {fact_key(row) for row in forget_part}
+    assert scored and all(not fitted & {fact_key(row) for row in rows} for rows in scored)
+    assert all(rows == scored[0] for rows in scored)
+    assert {row.id for row in forget_part} | {row.id for row in scored[0]} == {row.id for row in sets["forget"]}
+    forget_people = {row.entity for row in sets["forget"]}
+    assert not {row.entity for row in retain_only} & forget_people and len(retain_only) == len(forget_part)
+
+
+def test_quantize_leaves_the_output_head_alone(edited):
+    import copy
+
+    model = copy.deepcopy(edited[0])
+    head = model.get_output_embeddings().weight.detach().clone()
+    others = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("q_proj.weight")}
+    done = attacks.quantize(model, 4, 32)
+    assert torch.equal(model.get_output_embeddings().weight, head) and done["layers"] > 0
+    assert all(not torch.equal(dict(model.named_parameters())[name], value) for name, value in others.items())
+
+
 def test_relearning_the_other_facts_brings_forgotten_answers_back(result):
     found, _ = result
     relearn = found["attacks"]["relearn"]

@@ -32,7 +32,7 @@ def recovery_table(result: dict) -> Table | None:
     grid = Table(title="what comes back: relearn and quantize (forget people)", box=box.SIMPLE_HEAD, caption=(
         "values in % on the scored forget rows (relearn: the held-out half of each person's facts); "
         "recovery = (attacked edited - edited) / (base - edited): 0 nothing came back, 1 all of it, "
-        "- where the edit changed nothing; att.: after the attack; retain: the attacked edited model on the "
+        "- where the edit moved the metric by no more than --min-gap (default 5 points); att.: after the attack; retain: the attacked edited model on the "
         "sampled retain people; image = Image_Textual, text = Pure_Text"))
     for column in ("attack", "variant", "form", "metric", "base", "edited", "att. base", "att. edited",
                    "recovery", "retain"):
