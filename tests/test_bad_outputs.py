@@ -25,7 +25,9 @@ def world(tmp_path_factory):
     base = zoo.tiny("llava", root=tmp_path_factory.getbasetemp() / "zoo")
     bench = generate(root / "bench", n_people=10, seed=0).root
     weight = dict(load(base, device="cpu")[0].named_parameters())[UP].detach()
-    delta = Delta.from_changes({UP: (weight, weight + 1)}).save(root / "d.safetensors")
+    new = weight.clone()
+    new[[1, 4]] += 1  # two rows: a delta every command takes, `export` included
+    delta = Delta.from_changes({UP: (weight, new)}).save(root / "d.safetensors")
     merged = root / "merged"
     assert CliRunner().invoke(app, ["merge", str(base), str(delta), "--out", str(merged)]).exit_code == 0
     return {"base": base, "bench": bench, "delta": delta, "merged": merged}
@@ -50,6 +52,11 @@ def commands(world, target: Path, scratch: Path) -> dict[str, list[str]]:
         "merge": ["merge", base, delta, "--out", out],
         "revert": ["revert", str(world["merged"]), delta, "--out", out],
         "diff": ["diff", base, str(world["merged"]), "--out", out],
+        "export": ["export", delta, "--peft", out, "--base", base],
+        "attack": ["attack", base, "--delta", delta, "--data", str(bench), "--attacks", "quantize", "--out", out],
+        "attack --plot": ["attack", base, "--delta", delta, "--data", str(bench), "--attacks", "quantize",
+                          "--out", str(scratch / "ok-attack.json"), "--plot", out],
+        "zoo embedded": ["zoo", "embedded", "--out", out],
     }
 
 
@@ -78,7 +85,7 @@ def unwritable(tmp_path):
 
 
 NAMES = ["zoo", "data synth", "trace", "trace --plot", "eval", "eval --plot", "apply", "paths find", "merge",
-         "revert", "diff"]
+         "revert", "diff", "export", "attack", "attack --plot", "zoo embedded"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -98,7 +105,8 @@ def test_unwritable_or_impossible_output_is_refused_before_the_model_loads(world
         result = CliRunner().invoke(app, commands(world, target, tmp_path)[name])
         assert result.exit_code == 1, result.output
         lines = result.output.strip().splitlines()
-        assert lines[-1].startswith("error: cannot write ") and "not a writable folder" in lines[-1], result.output
+        assert len(lines) == 1 and lines[0].startswith("error: cannot write ") and "not a writable folder" in lines[0], \
+            result.output
         assert not target.exists() and snapshot(world["base"], world["merged"], world["bench"]) == before
 
 
@@ -154,3 +162,24 @@ def test_truncated_weights_are_one_line(world, tmp_path, name):
     last = result.output.strip().splitlines()[-1]
     assert last.startswith(f"error: cannot load {broken}") and "incomplete metadata" in last, result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["trace", "apply", "eval", "paths find"])
+def test_image_dir_takes_the_parquet_images_on_every_command_that_reads_data(world, tmp_path, name):
+    """--image-dir: the images embedded in parquet files go there, not beside the (maybe read-only) files."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(world["bench"] / "parquet", data)
+    forget, retain = str(data / "forget_10.parquet"), str(data / "retain_90.parquet")
+    base, images = str(world["base"]), tmp_path / "images"
+    arguments = {
+        "trace": ["trace", base, "--data", forget, "--limit", "2", "--out", str(tmp_path / "t.st")],
+        "apply": ["apply", "ga", base, "--forget", forget, "--retain", retain, "--set", "max_steps=1",
+                  "--out", str(tmp_path / "d.safetensors")],
+        "eval": ["eval", base, "--data", str(data), "--limit-people", "1", "--out", str(tmp_path / "r.json")],
+        "paths find": ["paths", "find", base, "--forget", forget, "--steps", "1", "--out", str(tmp_path / "p.st")],
+    }[name]
+    result = CliRunner().invoke(app, [*arguments, "--image-dir", str(images)])
+    assert result.exit_code == 0, result.output
+    assert any(images.iterdir()) and not list(data.glob("*.images"))
