@@ -386,7 +386,8 @@ def failures(record: dict) -> list[str]:
 def demo_command(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the report, plots, trace and deltas.")] = Path("mmedit-demo"),
     fast: Annotated[bool, typer.Option("--fast", help="Tiny run: a few people, a few hundred training steps (smoke test).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for the benchmark, the model, the plugins and the retain sample.")] = 0,
+    seed: Annotated[int | None, typer.Option(help=(
+        "Seed for the benchmark, the model, the plugins and the retain sample (default 0)."))] = None,
     seeds: Annotated[str | None, typer.Option(help=(
         "Comma-separated seeds (e.g. 0,1,2): the demo once per seed into OUT/seed-N/, then every cell as mean "
         "± standard deviation over them (OUT/demo-seeds.md). Seeds other than 0 train their model first."))] = None,
@@ -428,7 +429,7 @@ def demo_command(
             runs.append((name, parse_overrides(None, settings)))
     quiet_transformers()
     if seeds is not None:
-        if seed != 0:
+        if seed is not None:
             raise MmeditError("give --seed or --seeds, not both")
         chosen = _seed_list(seeds)
         record = run_seeds(out_dir, chosen, fast=fast, retain_people=retain_people, device=device,
@@ -438,7 +439,7 @@ def demo_command(
         out.print(f"report: {out_dir / SEEDS_REPORT} (table: {SEEDS_MARKDOWN}); each seed's demo: "
                   f"{out_dir}/seed-N/", highlight=False, soft_wrap=True)
         return
-    record = run(out_dir, fast=fast, seed=seed, retain_people=retain_people, device=device,
+    record = run(out_dir, fast=fast, seed=seed or 0, retain_people=retain_people, device=device,
                  batch_size=batch_size, force=force, runs=runs, paper_defaults=paper_defaults, retrain=retrain)
     if not record["plugins_installed"]:
         err.print("[yellow]note:[/] no plugins are installed (none is registered under the mmedit.plugins "

@@ -218,7 +218,8 @@ def test_seeds_bad_input_is_one_line(tmp_path):
     for arguments, message in ((["--seeds", "0,x"], "--seeds takes comma-separated integers"),
                                (["--seeds", "1"], "--seeds needs two or more different seeds"),
                                (["--seeds", "1,1"], "--seeds needs two or more different seeds"),
-                               (["--seeds", "0,1", "--seed", "3"], "give --seed or --seeds, not both")):
+                               (["--seeds", "0,1", "--seed", "3"], "give --seed or --seeds, not both"),
+                               (["--seeds", "0,1", "--seed", "0"], "give --seed or --seeds, not both")):
         result = runner.invoke(app, ["demo", "--fast", "--out", str(tmp_path / "x"), *arguments])
         lines = result.output.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.output
