@@ -91,8 +91,9 @@ def to_peft(delta: Delta | str | Path, out: str | Path, *, base: torch.nn.Module
             continue
         layout = LAYOUTS.get(type(model.get_submodule(module))) if attribute == "weight" else None
         if layout is None:
-            raise MmeditError(f"{name}: a {type(model.get_submodule(module)).__name__} {attribute} is no LoRA target "
-                              "(LoRA covers Linear, Embedding and Conv weights, and biases)")
+            raise MmeditError(f"{name}: mmedit exports no {type(model.get_submodule(module)).__name__} {attribute} "
+                              "(it exports the weights of plain Linear, Embedding and Conv2d/3d modules, and biases; "
+                              "use mmedit merge)")
         if change.kind in ROWS and change.axis in layout.exact_axes:
             a, b = _rows_factors(change, layout)
         elif rank is None:
@@ -145,7 +146,9 @@ def _check_fits(delta: Delta, model: torch.nn.Module, base) -> None:
                               "model?); nothing written")
         if tuple(parameter.shape) != change.shape or parameter.dtype != change.dtype:
             raise MmeditError(f"{delta.source} does not fit {what}: {name} is {parameter.dtype}{list(parameter.shape)} "
-                              f"there but {change.dtype}{list(change.shape)} in the delta; nothing written")
+                              f"there but {change.dtype}{list(change.shape)} in the delta (made at another --dtype? "
+                              "mmedit.export.to_peft(delta, out, base=MODEL loaded at the delta's dtype) takes it); "
+                              "nothing written")
 
 
 def _owners(model: torch.nn.Module) -> dict[int, list[str]]:
