@@ -12,7 +12,8 @@ The figure is the run's peak RSS (resource.getrusage ru_maxrss) minus the peak R
 that imports torch, transformers, mmedit, mmedit.plugins and nnsight and builds the processor and the
 rows (everything a run has before its model exists), divided by the parameter count: bytes per parameter,
 weights included. `--plan` also prints mmedit.plan's prediction for each run and its error; `--json FILE`
-writes every figure. The model is built directly in its dtype (no float32 copy first).
+writes every figure; `--replan FILE` predicts again for the runs of such a file without measuring. The
+model is built directly in its dtype (no float32 copy first).
 """
 from __future__ import annotations
 
@@ -152,6 +153,15 @@ def predicted(result: dict) -> int:
     return estimate.peak_bytes
 
 
+def row(result: dict, plan: bool) -> list[str]:
+    cells = [result["size"], f"{result['params'] / 1e6:.1f}M", result["dtype"], result["target"],
+             f"{result['above_baseline'] / 2**20:,.0f}", f"{result['bytes_per_param']:.2f}", f"{result['seconds']:.0f}"]
+    if plan:
+        error = result["predicted"] / result["above_baseline"] - 1
+        cells += [f"{result['predicted'] / result['params']:.2f}", f"{100 * error:+.1f} %"]
+    return cells
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=3, metavar=("SIZE", "DTYPE", "TARGET"), help=argparse.SUPPRESS)
@@ -160,6 +170,7 @@ def main() -> None:
     parser.add_argument("--targets", default="", help="Comma-separated (default: trace, trace-grads, every plugin).")
     parser.add_argument("--plan", action="store_true", help="Also print mmedit.plan's prediction and its error.")
     parser.add_argument("--json", type=Path, help="Write every figure to this file.")
+    parser.add_argument("--replan", type=Path, help="Measure nothing: predict again for the runs in this --json file.")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
@@ -170,15 +181,27 @@ def main() -> None:
 
     from mmedit.plugins import available
 
-    targets = args.targets.split(",") if args.targets else [*TRACES, *available()]
-    console, results = Console(), []
+    console = Console()
     table = Table(title=f"Peak RSS above the baseline, per parameter ({FORGET} forget + {RETAIN} retain rows, "
                         f"{THREADS} thread)")
     for column in ("size", "params", "dtype", "target", "MB", "B/param", "s"):
         table.add_column(column, justify="left" if column in ("size", "dtype", "target") else "right")
-    if args.plan:
+    if args.plan or args.replan:
         table.add_column("plan B/param", justify="right")
         table.add_column("error", justify="right")
+    if args.replan:
+        record = json.loads(args.replan.read_text())
+        for result in record["results"]:
+            result["predicted"] = predicted(result)
+            table.add_row(*row(result, True))
+        console.print(table)
+        worst = max(abs(r["predicted"] / r["above_baseline"] - 1) for r in record["results"])
+        console.print(f"largest error {100 * worst:.1f} %")
+        if args.json:
+            args.json.write_text(json.dumps(record, indent=1))
+        return
+    targets = args.targets.split(",") if args.targets else [*TRACES, *available()]
+    results = []
     for dtype in args.dtypes.split(","):
         baseline = run("10m", dtype, "baseline")["peak_rss"]
         for size in args.sizes.split(","):
@@ -186,16 +209,11 @@ def main() -> None:
                 result = run(size, dtype, target)
                 result["above_baseline"] = result["peak_rss"] - baseline
                 result["bytes_per_param"] = result["above_baseline"] / result["params"]
-                cells = [size, f"{result['params'] / 1e6:.1f}M", dtype, target,
-                         f"{result['above_baseline'] / 2**20:,.0f}", f"{result['bytes_per_param']:.2f}",
-                         f"{result['seconds']:.0f}"]
                 if args.plan:
                     result["predicted"] = predicted(result)
-                    error = result["predicted"] / result["above_baseline"] - 1
-                    cells += [f"{result['predicted'] / result['params']:.2f}", f"{100 * error:+.1f} %"]
                 results.append(result)
-                table.add_row(*cells)
-                console.print(" ".join(cells))
+                table.add_row(*row(result, args.plan))
+                console.print(" ".join(row(result, args.plan)))
     console.print(table)
     if args.json:
         import torch

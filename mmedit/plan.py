@@ -107,7 +107,8 @@ class Sized:
                     checkpointing: bool = False) -> int:
         """Bytes one forward (+ backward) of `batch` keeps: modes part -> "weights" (its layers train),
         "inputs" (gradients pass through) or "none"; head: "train" (logits, the loss's float32 log-softmax
-        and their gradients), "loss" (the same without a backward), "none". checkpointing: each layer
+        and their gradients), "loss" (the same without a backward), "logits" (the logits only: a loss on
+        hidden states), "none". checkpointing: each layer
         keeps its input only, and one layer at a time its activations (recomputed in the backward)."""
         total, largest = 0, 0
         for site in self.map.sites:
@@ -128,6 +129,8 @@ class Sized:
             total += logits * (2 * self.element + 8)
         elif head == "loss":
             total += logits * (self.element + 8)
+        elif head == "logits":
+            total += logits * self.element
         return total
 
 
@@ -287,18 +290,19 @@ def plan_trace(model: Sized, shapes: Shapes, *, batch_size: int = 4, grads: bool
                which: str = "forget") -> Plan:
     """`mmedit trace`: one batch at a time; with gradients, autograd keeps what the activations' gradients
     need (no weight gradients), and the site values and their gradients are read."""
-    phases = []
-    for form in forms:
-        batch = shapes.batch(which, form, batch_size)
-        phase = base_phase(model, f"trace {form}")
-        if grads:
-            phase.add("activations", model.activations(batch, {part: "inputs" for part in parts}, "loss")
-                      + 2 * site_bytes(model, batch, parts))
-        else:
-            phase.add("activations", model.activations(batch, {}, "loss") // 2 + site_bytes(model, batch, parts))
-        phase.add("statistics", stats_bytes(model, parts))
-        phases.append(phase)
+    phases = [trace_phase(model, shapes.batch(which, form, batch_size), parts, grads, f"trace {form}")
+              for form in forms]
     return Plan("trace", model, phases, shapes.assumed)
+
+
+def trace_phase(model: Sized, batch: Batch, parts: Sequence[str], grads: bool, name: str) -> Phase:
+    """One traced batch: the site values kept for the statistics (and their gradients, with autograd's
+    activations for them), the logits with the loss's float32 copies, and the statistics."""
+    phase = base_phase(model, name).add("statistics", stats_bytes(model, parts))
+    if grads:
+        return phase.add("activations", model.activations(batch, {part: "inputs" for part in parts}, "loss")
+                         + 2 * site_bytes(model, batch, parts))
+    return phase.add("activations", model.activations(batch, {}, "loss") // 2 + site_bytes(model, batch, parts))
 
 
 def stats_bytes(model: Sized, parts: Sequence[str], forms: int = 2, groups: int = 5) -> int:

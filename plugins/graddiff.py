@@ -8,8 +8,11 @@ class GradDiff(TrainingPlugin):
     description = "Gradient difference: -NLL(forget) + NLL(retain) on paired batches."
     presets = {"embedded": {"lr": 1e-4}, "conformance": {"lr": 1e-3, "epochs": 3}}
 
+    loss_terms = True
+
     def loss(self, trainer, step):
-        return -trainer.forward(step.forget).nll + trainer.forward(step.retain).nll
+        yield -trainer.forward(step.forget).nll
+        yield trainer.forward(step.retain).nll
 
     def objectives(self, config):
         return [Objective("forget answer NLL", forget_nll(config.forms), "up", 0.05),

@@ -16,10 +16,12 @@ class KLMin(TrainingPlugin):
         base = trainer.reference(batch)
         return {"logits": base.answer_logits.to(base.logits.dtype)}
 
+    loss_terms = True
+
     def loss(self, trainer, step):
+        yield -trainer.forward(step.forget).nll
         retain = trainer.forward(step.retain)
-        kl = losses.kl_to_reference(retain.answer_logits, step.reference("retain")["logits"])
-        return -trainer.forward(step.forget).nll + retain.nll + kl
+        yield retain.nll + losses.kl_to_reference(retain.answer_logits, step.reference("retain")["logits"])
 
     def footprint(self, model, shapes, config):
         phases = super().footprint(model, shapes, config)

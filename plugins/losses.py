@@ -25,11 +25,12 @@ from mmedit.data.batches import IGNORE
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, T-1] NLL of each next-token prediction, 0 off the answer; [B, T-1] bool answer mask)."""
+    """([B, T-1] NLL of each next-token prediction, 0 off the answer; [B, T-1] bool answer mask). Only the
+    answer positions' logits are taken to float32 (a large vocabulary costs memory for those alone)."""
     targets = labels[:, 1:]
     answer = targets != IGNORE
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
-    return nll * answer, answer
+    picked = F.cross_entropy(answer_logits(logits, labels), targets[answer], reduction="none")
+    return torch.zeros(answer.shape, dtype=picked.dtype, device=picked.device).masked_scatter(answer, picked), answer
 
 
 def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

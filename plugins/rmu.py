@@ -38,6 +38,7 @@ class RMU(TrainingPlugin):
     name, version = "rmu", "1.0"
     description = "Representation misdirection: forget activations at layer l -> c*u, retain ones kept."
     Config = RMUConfig
+    head = "logits"  # a loss on hidden states
     presets = {"embedded": {"lr": 1e-3, "alpha": 1.0, "c": 100.0}, "conformance": {"lr": 1e-3, "epochs": 5}}
 
     def parts(self, config):
@@ -53,13 +54,14 @@ class RMU(TrainingPlugin):
         layer = steered_layer(trainer.job, trainer.config)
         return {"states": trainer.reference(batch, [layer]).held_states(layer)} if which == "retain" else {}
 
+    loss_terms = True
+
     def loss(self, trainer, step):
         config, layer = trainer.config, steered_layer(trainer.job, trainer.config)
         forget = trainer.forward(step.forget, [layer]).states(layer)
+        yield losses.misdirection(forget, target(trainer, config, step.forget, forget))
         retain = trainer.forward(step.retain, [layer]).states(layer)
-        base = step.reference("retain")["states"]
-        return (losses.misdirection(forget, target(trainer, config, step.forget, forget))
-                + config.alpha * losses.retain_state(retain, base))
+        yield config.alpha * losses.retain_state(retain, step.reference("retain")["states"])
 
     def footprint(self, model, shapes, config):
         phases = super().footprint(model, shapes, config)

@@ -22,8 +22,8 @@ before any delta exists.
 Memory: a selected parameter's original values are kept (job.original.keep) just before training, only
 where it may change (rows or elements for a partial selection); a partial selection trains a compact
 tensor of its selected values: the parameter's full gradient lives only until autograd has produced it
-(a post-accumulate hook gathers the selected part and frees it), and AdamW's state is as small as the
-selection. The results are those of masking full-tensor gradients (elementwise the same AdamW update;
+(a post-accumulate hook gathers the selected part and frees it), its values are gathered for its own
+AdamW step only (one AdamW per trainable), and AdamW's state is as small as the selection. The results are those of masking full-tensor gradients (elementwise the same AdamW update;
 outside a selection a masked gradient is +0.0 and leaves the element bit-identical). θ₀'s quantities are
 stored off the GPU between steps; `checkpointing=on` recomputes activations in the backward (HF gradient
 checkpointing) for less activation memory at the same result, and `auto` (the default) turns it on when
@@ -412,7 +412,9 @@ class Trainer(Passes):
         self._keep_originals()
         self.prepare(plan)
         checkpointing = self.checkpointing(plan)
-        optimizers = {kind: torch.optim.AdamW([t.leaf for t in trainables], lr=self.config.lr, weight_decay=0.0)
+        # One AdamW per trainable (the same update as one over all of them: AdamW is elementwise), so that
+        # a compact one's values are gathered just for its own step.
+        optimizers = {kind: [torch.optim.AdamW([t.leaf], lr=self.config.lr, weight_decay=0.0) for t in trainables]
                       for kind, trainables in self.trainables.items()}
         hooks = [self.params[name].register_post_accumulate_grad_hook(self._gather)
                  for name in {t.name for ts in self.trainables.values() for t in ts if not t.whole}]
@@ -461,7 +463,8 @@ class Trainer(Passes):
         steps = [(which, chunk[1]) for which, chunk in (("forget", forget), ("retain", retain))
                  if chunk is not None and (which == "forget" or self.method.needs_retain or forget is None)]
         off = dataclasses.replace(self.config, checkpointing="off")
-        phase = training_phase(model, shapes, off, kinds, steps)
+        phase = training_phase(model, shapes, off, kinds, steps, head=self.method.head,
+                               one_at_a_time=self.method.loss_terms)
         return sum(phase.terms.values()) > planning.FIT * planning.available_bytes(str(self.device))
 
     def _keep_originals(self) -> None:
@@ -481,10 +484,11 @@ class Trainer(Passes):
         """Post-accumulate hook: a compact trainable's part of the gradient is kept, the full one freed."""
         trainable = self._compact.get(id(param))
         if trainable is not None and param.grad is not None:
-            self._grads[id(param)] = trainable.gather(param.grad)
+            part = trainable.gather(param.grad)
+            self._grads[id(param)] = part if id(param) not in self._grads else self._grads[id(param)].add_(part)
             param.grad = None
 
-    def _step(self, index: int, step: Step, optimizer: torch.optim.Optimizer, lr: float) -> None:
+    def _step(self, index: int, step: Step, optimizers: list[torch.optim.Optimizer], lr: float) -> None:
         trainables = self.trainables[step.kind]
         for others in self.trainables.values():
             for trainable in others:
@@ -492,35 +496,45 @@ class Trainer(Passes):
         for trainable in trainables:
             trainable.param.requires_grad_(True)
         self._compact = {id(t.param): t for t in trainables if not t.whole}
-        loss = self.method.loss(self, step)
-        if not bool(torch.isfinite(loss)):
-            raise MmeditError(f"{self.method.name}: the loss is {loss.item()} at step {index + 1} ({step.kind}); "
-                              "stopped, nothing written (try a lower lr)")
-        loss.backward()
-        with torch.no_grad():
-            for trainable in self._compact.values():
-                trainable.leaf.data = trainable.gather(trainable.param.detach())
-                trainable.leaf.grad = self._grads.pop(id(trainable.param), None)
-        norm = torch.nn.utils.clip_grad_norm_([t.leaf for t in trainables], self.config.grad_clip or math.inf)
+        terms = self.method.loss(self, step)
+        loss = None
+        for term in [terms] if torch.is_tensor(terms) else terms:  # each term backpropagated before the next runs
+            if not bool(torch.isfinite(term)):
+                raise MmeditError(f"{self.method.name}: the loss is {term.item()} at step {index + 1} ({step.kind}); "
+                                  "stopped, nothing written (try a lower lr)")
+            term.backward()
+            loss = term.detach() if loss is None else loss + term.detach()
+        grads = [t.param.grad if t.whole else self._grads.pop(id(t.param), None) for t in trainables]
+        present = [grad for grad in grads if grad is not None]
+        norm = torch.nn.utils.get_total_norm(present)  # then scaled as clip_grad_norm_ does
         if not bool(torch.isfinite(norm)):
             raise MmeditError(f"{self.method.name}: the gradient norm is {norm.item()} at step {index + 1} "
                               f"({step.kind}); stopped, nothing written (try a lower lr)")
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for trainable in self._compact.values():
-                trainable.scatter(trainable.leaf.detach())
-                trainable.leaf.data = trainable.leaf.new_empty(0)
+            scale = torch.clamp((self.config.grad_clip or math.inf) / (norm + 1e-6), max=1.0)
+            for grad in present:
+                grad.mul_(scale.to(grad.device))
+            for trainable, optimizer, grad in zip(trainables, optimizers, grads):
+                if not trainable.whole:  # its values, for its own step only
+                    trainable.leaf.data = trainable.gather(trainable.param.detach())
+                    trainable.leaf.grad = grad
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not trainable.whole:
+                    trainable.scatter(trainable.leaf.detach())
+                    trainable.leaf.data = trainable.leaf.new_empty(0)
         self._compact = {}
         self.losses.append(loss.item())
 
 
 def training_phase(model, shapes, config, kinds: Mapping[str, Mapping[str, int]], steps: Sequence[tuple[str, str]],
-                   name: str = "training"):
+                   name: str = "training", head: str = "train", one_at_a_time: bool = False):
     """A plan's training phase (mmedit.plan): `kinds` step kind -> {parameter: selected elements} (all of
-    its elements: trained whole), `steps` the (set, form) batches one step's loss backpropagates through.
+    its elements: trained whole), `steps` the (set, form) batches one step's loss backpropagates through,
+    `head` what the loss keeps of the logits (Sized.activations: "logits" for a loss on hidden states),
+    `one_at_a_time` whether the loss yields a term per batch (the largest batch's activations, not the sum).
     AdamW keeps two values per selected element in the parameter's dtype; a step holds the whole-trained
     parameters' gradients, or a compact selection's gathered gradient and values plus one full gradient
     at a time; the originals of every selected element are kept."""
@@ -541,10 +555,9 @@ def training_phase(model, shapes, config, kinds: Mapping[str, Mapping[str, int]]
         gradients = max(gradients, whole + 2 * sum(compact.values()) + largest)
     phase.add("gradients", gradients * model.element)
     trained = {model.map.part_of(param)[0] for selected in kinds.values() for param in selected}
-    phase.add("activations", sum(model.activations(shapes.batch(which, form, config.batch_size),
-                                                   graph_modes(trained, form),
-                                                   checkpointing=config.checkpointing == "on")
-                                 for which, form in steps))
+    batches = [model.activations(shapes.batch(which, form, config.batch_size), graph_modes(trained, form), head,
+                                 checkpointing=config.checkpointing == "on") for which, form in steps]
+    phase.add("activations", max(batches) if one_at_a_time else sum(batches))
     return phase
 
 
@@ -589,11 +602,17 @@ class TrainingPlugin(Plugin):
         first step, read in the loss as step.reference(which). Default: none."""
         return {}
 
-    def loss(self, trainer: Trainer, step: Step) -> torch.Tensor:
+    def loss(self, trainer: Trainer, step: Step):
+        """The step's loss: a tensor, or an iterator of terms whose sum it is (yield the forget term, then the
+        retain one: each is backpropagated before the next batch runs, so only one batch's activations are
+        kept at a time; the gradients add up to those of the sum)."""
         raise NotImplementedError
 
     def edit(self, job: Job, config) -> dict:
         return Trainer(job, config, self).run()
+
+    head = "train"  # what the loss keeps of the logits, for the memory plan ("logits": a loss on hidden states)
+    loss_terms = False  # True: loss() yields one term per batch, so one batch's activations are kept at a time
 
     def footprint(self, model, shapes, config) -> list:
         """One training phase from the selections, made on the plan's meta model (whole parameters; a
@@ -611,4 +630,4 @@ class TrainingPlugin(Plugin):
             kinds[kind] = {name: model.numel[name] for name in selection.masks}
         form = largest_form(config.forms)
         steps = [("forget", form)] + ([("retain", form)] if self.needs_retain else [])
-        return [training_phase(model, shapes, config, kinds, steps)]
+        return [training_phase(model, shapes, config, kinds, steps, head=self.head, one_at_a_time=self.loss_terms)]

@@ -2,6 +2,7 @@
 losses and the same delta (within 1e-6), and the sizes of what they hold (asserted on tensor sizes).
 
 - compact rows / element trainables vs full-tensor AdamW with masked gradients (MIP-Editor, MMUnlearner);
+- a loss yielded in terms (one batch's activations at a time) vs the sum of its terms;
 - θ₀ quantities precomputed once per batch vs a θ₀ pass with swapped weights at every step (KL-Min, NPO,
   RMU, MIP-Editor with the adaptive target);
 - originals kept only for what changes (and spilled to a temp file) vs every declared tensor kept whole;
@@ -168,6 +169,22 @@ def test_compact_gradients_and_optimizer_state_are_selection_sized(llava, rows, 
     rows_change, elements_change = delta.changes[rows_of], delta.changes[elements_of]
     assert rows_change.kind == "rows" and rows_change.index.tolist() == [1, 4]
     assert elements_change.kind == "elements" and bool((elements_change.index % 3 == 0).all())
+
+
+@pytest.mark.parametrize("name, method", [("graddiff", None), ("mip_editor", "RMisU")])
+def test_a_loss_in_terms_equals_its_sum(llava, rows, monkeypatch, name, method):
+    """Terms backpropagated one at a time (one batch's activations at a time; a compact selection's
+    gathered gradient summed over the terms) give the edit of their sum backpropagated once."""
+    from mmedit.plugins import mip_editor
+
+    model, processor = llava
+    overrides = {"lr": 5e-3 if method else 1e-3, "epochs": 2, "batch_size": 2}
+    lean = apply_plugin(name, model, processor, rows[:4], rows[4:], overrides, progress=False)
+    owner = getattr(mip_editor, method) if method else type(get(name))
+    terms = owner.loss
+    monkeypatch.setattr(owner, "loss", lambda self, trainer, step: sum(terms(self, trainer, step)))
+    summed = apply_plugin(name, model, processor, rows[:4], rows[4:], overrides, progress=False)
+    assert_same_edit(model, lean, summed)
 
 
 # ---- θ₀ quantities -------------------------------------------------------------------------------------

@@ -49,10 +49,11 @@ def sized(tiny, dtype="float32", device="cpu"):
     return plan.Sized(plan.read_config(str(tiny)), dtype, device)
 
 
-def hand_activations(batch_rows: int, tokens: int, images: int, llm: str, vision: str, element: int = 4) -> int:
+def hand_activations(batch_rows: int, tokens: int, images: int, llm: str, vision: str, element: int = 4,
+                     head: int = 2 * 4 + 8) -> int:
     """The tiny LLaVA (vision 2 layers 32 x 64, projector 32 -> 64, LM 2 layers 64 x 128 gated, vocab 261)
     by hand from plan.ACTIVATION: positions x (a * width + b * MLP width + 4 * (width // 64 + 2)) per layer,
-    plus the head's logits x (2 * element + 8)."""
+    plus the head's logits x `head` bytes (the logits, the loss's float32 log-softmax, their gradients)."""
     total = 0
     if vision != "none":
         a, b = plan.ACTIVATION["plain", vision, element]
@@ -62,7 +63,7 @@ def hand_activations(batch_rows: int, tokens: int, images: int, llm: str, vision
         total += positions * (a * 32 + b * 64 + 4 * 2)  # the projector
     a, b = plan.ACTIVATION["gated", llm, element]
     total += 2 * batch_rows * tokens * (a * 64 + b * 128 + 4 * 3)
-    return total + batch_rows * tokens * 261 * (2 * element + 8)
+    return total + batch_rows * tokens * 261 * head
 
 
 def test_ga_breakdown_by_hand(tiny, real):
@@ -83,17 +84,26 @@ def test_ga_breakdown_by_hand(tiny, real):
     assert result.peak_bytes == sum(terms.values()) == result.per_device["cpu"]
 
 
-def test_graddiff_runs_two_batches_and_rmu_trains_llm_mlps_only(tiny, real):
+class Summed(type(get("graddiff"))):
+    """GradDiff with its two terms summed into one tensor: both batches' activations kept at once."""
+
+    loss_terms = False
+
+
+def test_a_loss_in_terms_keeps_one_batch_and_rmu_trains_llm_mlps_only(tiny, real):
     model, _ = real
-    graddiff = plan.plan_plugin("graddiff", get("graddiff").footprint, sized(tiny), SHAPES, get("graddiff").configure())
-    assert graddiff.breakdown["activations"] == 2 * hand_activations(4, 30, 4, "weights", "weights")
+    config = get("graddiff").configure()
+    graddiff = plan.plan_plugin("graddiff", get("graddiff").footprint, sized(tiny), SHAPES, config)
+    assert graddiff.breakdown["activations"] == hand_activations(4, 30, 4, "weights", "weights")
+    summed = plan.plan_plugin("graddiff", Summed().footprint, sized(tiny), SHAPES, config)
+    assert summed.breakdown["activations"] == 2 * hand_activations(4, 30, 4, "weights", "weights")
     rmu = get("rmu")
     result = plan.plan_plugin("rmu", rmu.footprint, sized(tiny), SHAPES, rmu.configure())
     mlps = sum(p.numel() for name, p in model.named_parameters() if ".language_model.layers." in name and ".mlp." in name)
     assert result.breakdown["optimizer"] == 2 * 4 * mlps and result.breakdown["gradients"] == 4 * mlps
     # The vision side does not train: no graph there; the retain states at layer l are kept (8 rows, 30
     # positions, width 64: paired with the 2 forget batches of 4 rows).
-    assert result.breakdown["activations"] == 2 * hand_activations(4, 30, 4, "weights", "none")
+    assert result.breakdown["activations"] == hand_activations(4, 30, 4, "weights", "none", head=4)  # logits only
     assert result.breakdown["references"] == 8 * 30 * 64 * 4
 
 

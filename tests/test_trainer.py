@@ -62,11 +62,14 @@ def restored(llava):
 
 
 def recorded_lrs(monkeypatch) -> list[float]:
-    seen = []
+    """The learning rate of each step, as one of the trainables' AdamW (the first) saw it."""
+    seen, first = [], []
     step = torch.optim.AdamW.step
 
     def recording(self, *args, **kwargs):
-        seen.append(self.param_groups[0]["lr"])
+        first[:] = first or [self]
+        if self is first[0]:
+            seen.append(self.param_groups[0]["lr"])
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording)
@@ -108,17 +111,45 @@ def test_only_the_selected_rows_are_clipped(llava, rows, monkeypatch, restored):
     def rows_only(t):
         return {"train": Selection.rows(t.model, {name: (0, [0, 1])})}
 
-    clip = torch.nn.utils.clip_grad_norm_
+    total_norm = torch.nn.utils.get_total_norm
     seen = []
 
-    def checking(params, max_norm, *args, **kwargs):
-        seen.extend(tuple(param.grad.shape) for param in params if param.grad is not None)
+    def checking(grads, *args, **kwargs):
+        seen.extend(tuple(grad.shape) for grad in grads)
         assert model.get_parameter(name).grad is None
-        return clip(params, max_norm, *args, **kwargs)
+        return total_norm(grads, *args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", checking)
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", checking)
     trainer(model, processor, rows, Probe(selections=rows_only), lr=1e-3, grad_clip=1e-3, max_steps=1).run()
     assert seen == [(2, width)], "the clipped norm covered more than the selected rows"
+
+
+def test_clipping_scales_the_gradients_as_clip_grad_norm(llava, rows, monkeypatch, restored):
+    """The step's gradients (all its trainables') are scaled by min(1, max_norm / (norm + 1e-6)) exactly as
+    torch.nn.utils.clip_grad_norm_ scales them."""
+    model, processor = llava
+    before, stepped = [], []
+    total_norm, step = torch.nn.utils.get_total_norm, torch.optim.AdamW.step
+
+    def capturing(grads, *args, **kwargs):
+        before[:] = [grad.clone() for grad in grads]
+        return total_norm(grads, *args, **kwargs)
+
+    def stepping(self, *args, **kwargs):
+        stepped.extend(p.grad.clone() for group in self.param_groups for p in group["params"] if p.grad is not None)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", capturing)
+    monkeypatch.setattr(torch.optim.AdamW, "step", stepping)
+    trainer(model, processor, rows, lr=1e-3, grad_clip=1e-3, max_steps=1).run()
+    holders = [torch.nn.Parameter(torch.empty_like(grad)) for grad in before]
+    for holder, grad in zip(holders, before):
+        holder.grad = grad.clone()
+    monkeypatch.undo()
+    torch.nn.utils.clip_grad_norm_(holders, 1e-3)
+    assert len(stepped) == len(holders) > 1
+    assert all(torch.equal(got, holder.grad) for got, holder in zip(stepped, holders))
+    assert not all(torch.equal(got, grad) for got, grad in zip(stepped, before))  # the clip was active
 
 
 def test_an_infinite_loss_stops_the_run(llava, rows, restored):

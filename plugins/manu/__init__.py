@@ -180,14 +180,14 @@ class MANU(Plugin):
 
     def footprint(self, model, shapes, config):
         """Tracing (no gradients) of both sets in both forms, their statistics, then the pruned slices kept."""
-        from mmedit.plan import base_phase
+        from mmedit.plan import base_phase, trace_phase
         from mmedit.plugins.originals import footprint
 
-        sites = candidate_sites(model.map, self.parts(config))
+        parts = self.parts(config)
+        sites = candidate_sites(model.map, parts)
         stats = sum(2 * 2 * 6 * site.width * 8 for site in sites)  # forget + retain, two forms, six fields
         batch = shapes.batch("forget", "multimodal", config.batch_size)
-        tracing = base_phase(model, "tracing").add("statistics", stats).add(
-            "activations", model.activations(batch, {}, "loss") // 2)
+        tracing = trace_phase(model, batch, parts, False, "tracing").add("statistics", stats)
         pruning = base_phase(model, "pruning").add("statistics", stats)
         kept = {}
         for site in sites:

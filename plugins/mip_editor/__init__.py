@@ -187,7 +187,8 @@ def rmisu_phase(model, shapes, config):
                     whole = model.numel[producer.param]
                     kinds["train"][producer.param] = whole if not config.restrict else neurons * whole // site.width
     form = largest_form(config.forms)
-    phase = training_phase(model, shapes, config, kinds, [("forget", form), ("retain", form)])
+    phase = training_phase(model, shapes, config, kinds, [("forget", form), ("retain", form)], head="logits",
+                           one_at_a_time=True)
     footprint(phase, model, pruned)
     tokens = shapes.batch("retain", form, 1).tokens
     states = reference_rows(shapes, config, "retain", anchor="retain")
@@ -235,6 +236,8 @@ def check_silent(job, paths: NeuronPaths) -> None:
 class RMisU(TrainingPlugin):
     """The training half, for one job: which rows train, the schedule and the loss."""
 
+    head = "logits"  # a loss on hidden states
+
     def __init__(self, name: str, rows: dict | None, names: list[str] | None):
         self.name, self._rows, self._names = name, rows, names
 
@@ -254,13 +257,15 @@ class RMisU(TrainingPlugin):
         layer = steered_layer(trainer.job, trainer.config)
         return {"states": trainer.reference(batch, [layer]).held_states(layer)}
 
+    loss_terms = True
+
     def loss(self, trainer, step):
         config, layer = trainer.config, steered_layer(trainer.job, trainer.config)
         forget = trainer.forward(step.forget, [layer]).states(layer)
-        retain = trainer.forward(step.retain, [layer]).states(layer)
-        base = step.reference("retain")["states"]
         goal = target(trainer, config, step.forget, forget, step.reference("forget").get("states"))
-        return config.beta * losses.misdirection(forget, goal) + config.alpha * losses.retain_state(retain, base)
+        yield config.beta * losses.misdirection(forget, goal)
+        retain = trainer.forward(step.retain, [layer]).states(layer)
+        yield config.alpha * losses.retain_state(retain, step.reference("retain")["states"])
 
 
 def target(passes, config, batch, states, reference_states=None):
