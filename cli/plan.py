@@ -35,7 +35,9 @@ def plan_command(
     """Predict the peak memory of a run per device, with a breakdown (weights, gradients, optimizer state,
     original values kept for the delta, statistics, θ₀ quantities, activations), without loading weights.
 
-    Example: mmedit plan mmunlearner llava-hf/llava-1.5-7b-hf --dtype bfloat16 --device cuda
+    Example: mmedit plan mmunlearner tiny --forget bench/forget10.jsonl --retain bench/retain90.jsonl --device cpu
+    For a 7B model, only its config is needed (a local folder, or a hub id whose config is in the HF cache):
+    mmedit plan mmunlearner llava-hf/llava-1.5-7b-hf --dtype bfloat16 --device cuda --memory 80GB
     """
     from mmedit import plan as planning
 

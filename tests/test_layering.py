@@ -55,6 +55,7 @@ LAYERS = {  # layer -> (its modules and packages, the layers it may import); a l
     "trace": (("mmedit.trace",), ("base", "data", "arch")),
     "delta": (("mmedit.delta", "mmedit.checkpoint", "mmedit.export"), ("base", "arch", "loading")),
     "zoo": (("mmedit.zoo",), ("base", "arch", "loading")),
+    "plan": (("mmedit.plan",), ("base", "data", "arch", "loading")),
     "eval": (("mmedit.eval",), ("base", "data", "arch", "loading", "trace", "delta")),
     "bench": (("mmedit.bench",), ("base", "data", "arch", "loading", "zoo", "eval")),
 }
