@@ -42,10 +42,7 @@ def plan_command(
     from mmedit import plan as planning
 
     budget = planning.parse_bytes(memory) if memory is not None else _free(planning, device)
-    config = planning.read_config(model, trust_remote_code)
-    chosen = dtype if dtype != "auto" else str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
-    sized = planning.Sized(config, chosen, device)
-    plugin, options = None, None
+    footprint, options = None, None
     if target not in TARGETS:
         from mmedit.cli.apply import parse_overrides
         from mmedit.plugins import get
@@ -54,19 +51,17 @@ def plan_command(
         overrides = parse_overrides(None, settings or [])
         if batch_size is not None and "batch_size" in {f.name for f in plugin.options()}:
             overrides.setdefault("batch_size", batch_size)
-        options = plugin.configure(overrides)
+        footprint, options = plugin.footprint, plugin.configure(overrides)
     elif settings:
         raise MmeditError(f"--set is for plugin options; {target} has none")
-    size = batch_size or getattr(options, "batch_size", None) or {"eval": 16}.get(target, 4)
-    shapes = _shapes(planning, sized, model, forget, retain, size, tokens, rows, trust_remote_code)
-    if target == "trace":
-        result = planning.plan_trace(sized, shapes, batch_size=size, grads=grads)
-    elif target == "eval":
-        result = planning.plan_eval(sized, shapes, batch_size=size)
-    elif target == "merge":
-        result = planning.plan_merge(sized)
-    else:
-        result = planning.plan_plugin(target, plugin.footprint, sized, shapes, options, budget)
+    sets = None
+    if forget is not None or retain is not None:
+        from mmedit.data import read_rows
+
+        sets = {name: read_rows(path) for name, path in (("forget", forget), ("retain", retain)) if path is not None}
+    result = planning.plan_for(target, model, dtype=dtype, device=device, footprint=footprint, options=options,
+                               sets=sets, batch_size=batch_size, grads=grads, tokens=tokens, rows=rows, memory=budget,
+                               trust_remote_code=trust_remote_code)
     fits = None if budget is None else result.peak_bytes <= budget
     if as_json:
         print(json.dumps(result.to_json() | {"memory": budget, "fits": fits}))
@@ -74,7 +69,8 @@ def plan_command(
     out.print(_table(planning, result, model))
     if budget is not None:
         verdict = "fits" if fits else "does not fit"
-        out.print(f"{verdict} in {planning.human(budget)} on {sized.device}: peak {planning.human(result.peak_bytes)}")
+        out.print(f"{verdict} in {planning.human(budget)} on {result.model.device}: peak "
+                  f"{planning.human(result.peak_bytes)}")
 
 
 def _free(planning, device: str) -> int | None:
@@ -83,25 +79,6 @@ def _free(planning, device: str) -> int | None:
         return planning.available_bytes(device)
     except MmeditError:
         return None
-
-
-def _shapes(planning, sized, model: str, forget, retain, batch_size: int, tokens: int, rows: int,
-            trust_remote_code: bool):
-    """The data's shapes measured with the model's processor when data is given, else from the config."""
-    if forget is None and retain is None:
-        return planning.shapes_from_config(sized, {"forget": rows, "retain": rows}, text_tokens=tokens)
-    from transformers import AutoProcessor
-
-    from mmedit.data import read_rows
-    from mmedit.errors import first_line
-
-    try:
-        processor = AutoProcessor.from_pretrained(model, local_files_only=Path(model).exists(),
-                                                  trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, ImportError) as error:
-        raise MmeditError(f"--forget/--retain need the model's processor to count tokens: {first_line(error)}") from None
-    sets = {name: read_rows(path) for name, path in (("forget", forget), ("retain", retain)) if path is not None}
-    return planning.shapes_from_rows(sized, processor, sets, batch_size)
 
 
 def _table(planning, result, model: str) -> Table:

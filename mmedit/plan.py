@@ -353,6 +353,55 @@ def _phases(target: str, footprint, model: Sized, shapes: Shapes, config, checkp
     return phases
 
 
+def plan_for(target: str, model: str, *, dtype: str = "auto", device: str = "cuda", footprint=None, options=None,
+             sets: Mapping[str, Sequence] | None = None, batch_size: int | None = None, grads: bool = False,
+             tokens: int = TEXT_TOKENS, rows: int = 40, memory: int | None = None,
+             trust_remote_code: bool = False) -> Plan:
+    """The plan of `target` on `model` (a folder or hub id: its config only). target: "trace", "eval",
+    "merge", or a plugin's name with its `footprint` (Plugin.footprint) and configured `options`. `sets`:
+    the data ({"forget": rows, "retain": rows}), measured with the model's processor; without it `tokens`
+    text tokens and `rows` rows per set are assumed. dtype "auto": the config's. `memory`: the device's
+    free bytes (for checkpointing=auto)."""
+    from mmedit.loading import _config, _processor
+
+    source, loading_options, config = _config(model, trust_remote_code)
+    chosen = dtype if dtype != "auto" else str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    sized = Sized(config, chosen, device)
+    size = batch_size or getattr(options, "batch_size", None) or {"eval": 16}.get(target, 4)
+    if sets:
+        try:
+            processor = _processor(source, config, loading_options)
+        except (OSError, ValueError, ImportError) as error:
+            from mmedit.errors import first_line
+
+            raise MmeditError(f"the data's lengths need {model}'s processor: {first_line(error)}") from None
+        shapes = shapes_from_rows(sized, processor, sets, size)
+    else:
+        shapes = shapes_from_config(sized, {"forget": rows, "retain": rows}, text_tokens=tokens)
+    if target == "trace":
+        return plan_trace(sized, shapes, batch_size=size, grads=grads)
+    if target == "eval":
+        return plan_eval(sized, shapes, batch_size=size)
+    if target == "merge":
+        return plan_merge(sized)
+    if footprint is None:
+        raise MmeditError(f"no plan for {target!r}: targets are trace, eval, merge and the plugins")
+    return plan_plugin(target, footprint, sized, shapes, options, memory)
+
+
+def preflight(target: str, model: str, *, device: str, dtype: str = "auto", **options) -> Plan:
+    """For a command, before its weights load: plan_for(target, model, ...) on the device as the command
+    resolves it (auto: cuda when available), refused (check_fits) if it cannot fit in that device's free
+    memory; returns the plan."""
+    from mmedit.loading import resolve_device
+
+    where = resolve_device(device)
+    free = available_bytes(str(where))
+    result = plan_for(target, model, dtype=dtype, device=where.type, memory=free, **options)
+    check_fits(result, free)
+    return result
+
+
 def human(nbytes: int) -> str:
     value, unit = float(nbytes), "B"
     for bigger in ("KiB", "MiB", "GiB", "TiB"):

@@ -220,6 +220,18 @@ def test_check_fits_names_predicted_available_and_what_to_change(tiny):
         plan.parse_bytes("lots")
 
 
+def test_preflight_refuses_before_anything_loads(tiny, monkeypatch):
+    """What a command calls before it loads weights: the plan on the resolved device against its free memory."""
+    ga = get("ga")
+    fine = plan.preflight("ga", str(tiny), device="cpu", footprint=ga.footprint, options=ga.configure())
+    assert fine.model.device == "cpu" and fine.peak_bytes <= plan.available_bytes("cpu")
+    monkeypatch.setattr(plan, "available_bytes", lambda device: 10 << 20)
+    with pytest.raises(MmeditError, match=r"^trace needs about .* on cpu .* 10.0 MiB available; "):
+        plan.preflight("trace", str(tiny), device="cpu", grads=True)
+    with pytest.raises(MmeditError, match="no plan for 'nope': targets are trace, eval, merge and the plugins"):
+        plan.plan_for("nope", str(tiny), device="cpu")
+
+
 def test_mip_editor_search_chunk_from_the_plan_finds_the_loops_paths(real, tmp_path):
     """search_batch=0: the chunk the plan sizes (below the default 64 here) gives the loop's paths."""
     model, processor = real
