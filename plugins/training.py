@@ -449,7 +449,11 @@ class Trainer(Passes):
         """Whether to recompute activations: checkpointing=on/off, or (auto) whether the memory plan of this
         run's training step (its selections, the first step's batches, measured on the rows) exceeds FIT
         of the device's free memory without it."""
-        if self.config.checkpointing != "auto":
+        supported = getattr(self.model, "supports_gradient_checkpointing", False)
+        if self.config.checkpointing == "on" and not supported:
+            raise MmeditError(f"{self.method.name}: checkpointing=on, but {type(self.model).__name__} does not support "
+                              "gradient checkpointing")
+        if self.config.checkpointing != "auto" or not supported:
             return self.config.checkpointing == "on"
         from mmedit import plan as planning
 

@@ -306,6 +306,11 @@ def test_gradient_checkpointing_gives_the_same_edit(llava, rows):
                                 progress=False)
     assert_same_edit(model, checkpointed, plain)
     assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model), "supports_gradient_checkpointing", False)
+        with pytest.raises(Exception, match="checkpointing=on, but LlavaForConditionalGeneration does not support"):
+            apply_plugin("graddiff", model, processor, rows[:4], rows[4:], options | {"checkpointing": "on"},
+                         progress=False)
 
 
 def test_trace_with_gradients_makes_no_parameter_gradient(llava, rows, monkeypatch):
