@@ -238,7 +238,7 @@ def test_mip_editor_search_chunk_from_the_plan_finds_the_loops_paths(real, tmp_p
     rows = make_rows(tmp_path)
     config = get("mip_editor").configure()
     chunk = search_rows(SimpleNamespace(model=model, processor=processor, forget=rows[:5], retain=rows[5:]), config)
-    assert 1 <= chunk < 64
+    assert config.steps <= chunk < 64
     batched = find_paths(model, processor, rows[:5], batch_rows=chunk)
     loop = find_paths(model, processor, rows[:5], loop=True)
     assert list(batched.neurons) == list(loop.neurons)

@@ -64,8 +64,8 @@ class MIPEditorConfig(TrainConfig):
                             "answer: last prompt token and answer tokens), all (non-pad), first (position 0, as "
                             "the reference code).", choices=POSITIONS)
     search_batch: int = option(0, "Rows (samples x steps) per traced pass of the path search (0: sized from the "
-                               "memory plan, so that the search holds no more activations than a training step; "
-                               "at most 64). Any size finds the same paths.")
+                               "memory plan, so that the search holds no more activations than a training step: "
+                               "at least one sample's steps, at most 64). Any size finds the same paths.")
     prune: bool = option(True, "Zero the path neurons (their last producer's rows and bias) before training.")
     rmisu: bool = option(True, "Train with RMisU after pruning (false: prune only).")
     restrict: bool = option(True, "Train only the rows of path neurons (false: every MLP producer weight row of the "
@@ -139,7 +139,7 @@ MAX_SEARCH_ROWS = 64
 
 def search_rows(job, config) -> int:
     """search_batch=0: the rows per path-search pass whose activations are at most a training step's
-    (mmedit.plan on the job's model and forget rows), between 1 and MAX_SEARCH_ROWS."""
+    (mmedit.plan on the job's model and forget rows), at least one sample's m steps, at most MAX_SEARCH_ROWS."""
     from mmedit.plan import Sized, shapes_from_rows
 
     weight = next(job.model.parameters())
@@ -154,7 +154,7 @@ def plan_search_rows(model, shapes, config) -> int:
         return config.search_batch
     budget = rmisu_phase(model, shapes, config).terms["activations"]
     one = max(search_phase(model, shapes, config, part, 1).terms["activations"] for part in SIDES[config.side])
-    return max(1, min(MAX_SEARCH_ROWS, budget // one))
+    return min(MAX_SEARCH_ROWS, max(config.steps, budget // one))
 
 
 def search_phase(model, shapes, config, part: str, rows: int):
