@@ -40,7 +40,7 @@ ACTIVATION = {
     ("plain", "weights", 4): (32, 12), ("plain", "weights", 2): (16, 6),
     ("plain", "inputs", 4): (24, 8), ("plain", "inputs", 2): (12, 4),
 }
-RUNTIME = {"cpu": 64 << 20, "cuda": 1 << 30}  # kernels and workspaces on first use; a CUDA context (estimate)
+RUNTIME = {"cpu": 24 << 20, "cuda": 1 << 30}  # CPU: measured (BENCHMARKS.md, Memory); a CUDA context (estimate)
 FIT = 0.9  # a run whose plan exceeds this share of the free memory does not fit (the plan is an estimate)
 TEXT_TOKENS = 48  # config-only plans: a question + short answer with the chat template, per row
 QWEN_STYLE_IMAGE = 448  # config-only plans: the side of an image where the vision tower takes any size

@@ -26,7 +26,8 @@ class KLMin(TrainingPlugin):
     def footprint(self, model, shapes, config):
         phases = super().footprint(model, shapes, config)
         logits = reference_rows(shapes, config, "retain") * shapes.answers * model.vocab * model.element
-        phases[-1].add("references", logits, off_device=model.device != "cpu")
+        for phase in phases:
+            phase.add("references", logits, off_device=model.device != "cpu")
         return phases
 
     def objectives(self, config):

@@ -128,7 +128,7 @@ class MMUnlearner(TrainingPlugin):
         from types import SimpleNamespace
 
         from mmedit.plan import base_phase, graph_modes
-        from mmedit.plugins.training import training_phase
+        from mmedit.plugins.training import training_phases
 
         names = maskable(SimpleNamespace(model=model.model, model_map=model.map), self.parts(config))
         scope = sum(model.numel[name] for name in names)
@@ -146,9 +146,10 @@ class MMUnlearner(TrainingPlugin):
             phases.append(phase)
         kinds = {"retain": {name: model.numel[name] for name in names},
                  "forget": {name: int(model.numel[name] * selected) for name in names}}
-        training = training_phase(model, shapes, config, kinds, [("retain", "multimodal")])
-        training.add("statistics", scope, off_device=off)  # the bool masks
-        return phases + [training]
+        training = training_phases(model, shapes, config, kinds, [("retain", "multimodal")])
+        for phase in training:
+            phase.add("statistics", scope, off_device=off)  # the bool masks
+        return phases + training
 
     def objectives(self, config):
         return [Objective("forget minus retain VQA answer NLL", nll_gap("multimodal"), "up", 0.05),

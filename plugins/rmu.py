@@ -67,7 +67,8 @@ class RMU(TrainingPlugin):
         phases = super().footprint(model, shapes, config)
         tokens = shapes.batch("retain", largest_form(config.forms), 1).tokens
         states = reference_rows(shapes, config, "retain") * tokens * model.hidden("llm") * model.element
-        phases[-1].add("references", states, off_device=model.device != "cpu")
+        for phase in phases:
+            phase.add("references", states, off_device=model.device != "cpu")
         return phases
 
     def objectives(self, config):

@@ -467,9 +467,10 @@ class Trainer(Passes):
         steps = [(which, chunk[1]) for which, chunk in (("forget", forget), ("retain", retain))
                  if chunk is not None and (which == "forget" or self.method.needs_retain or forget is None)]
         off = dataclasses.replace(self.config, checkpointing="off")
-        phase = training_phase(model, shapes, off, kinds, steps, head=self.method.head,
-                               one_at_a_time=self.method.loss_terms)
-        return sum(phase.terms.values()) > planning.FIT * planning.available_bytes(str(self.device))
+        phases = training_phases(model, shapes, off, kinds, steps, head=self.method.head,
+                                 one_at_a_time=self.method.loss_terms)
+        peak = max(sum(phase.terms.values()) for phase in phases)
+        return peak > planning.FIT * planning.available_bytes(str(self.device))
 
     def _keep_originals(self) -> None:
         """job.original.keep() of what the selections may change: whole, or the union of their masks."""
@@ -533,36 +534,46 @@ class Trainer(Passes):
         self.losses.append(loss.item())
 
 
-def training_phase(model, shapes, config, kinds: Mapping[str, Mapping[str, int]], steps: Sequence[tuple[str, str]],
-                   name: str = "training", head: str = "train", one_at_a_time: bool = False):
-    """A plan's training phase (mmedit.plan): `kinds` step kind -> {parameter: selected elements} (all of
-    its elements: trained whole), `steps` the (set, form) batches one step's loss backpropagates through,
-    `head` what the loss keeps of the logits (Sized.activations: "logits" for a loss on hidden states),
-    `one_at_a_time` whether the loss yields a term per batch (the largest batch's activations, not the sum).
-    AdamW keeps two values per selected element in the parameter's dtype; a step holds the whole-trained
-    parameters' gradients, or a compact selection's gathered gradient and values plus one full gradient
-    at a time; the originals of every selected element are kept."""
+def training_phases(model, shapes, config, kinds: Mapping[str, Mapping[str, int]], steps: Sequence[tuple[str, str]],
+                    head: str = "train", one_at_a_time: bool = False) -> list:
+    """A plan's training (mmedit.plan): two phases of a step after the first, "forward" (the activations;
+    with a loss in terms, the next term's while the earlier terms' gradients are held) and "update" (the
+    gradients and AdamW's step); autograd turns activations into gradients as the backward runs, so the
+    two peak apart. `kinds` step kind -> {parameter: selected elements} (all of them: trained whole),
+    `steps` the (set, form) batches one step's loss backpropagates through, `head` what the loss keeps of
+    the logits (Sized.activations), `one_at_a_time` whether the loss yields a term per batch. AdamW keeps
+    two values per selected element in the parameter's dtype (and makes two temporaries of a parameter in
+    its step); a step's gradients are the whole-trained parameters' own, or a compact selection's gathered
+    gradient and values plus one full gradient at a time; the originals of every selected element are kept."""
     from mmedit.plan import base_phase, graph_modes
     from mmedit.plugins.originals import footprint
 
-    phase, kept = base_phase(model, name), {}
+    kept = {}
     for selected in kinds.values():
         for param, elements in selected.items():
             kept[param] = max(kept.get(param, 0), elements)
-    footprint(phase, model, kept)
-    phase.add("optimizer", 2 * model.element * sum(sum(selected.values()) for selected in kinds.values()))
     gradients = 0
     for selected in kinds.values():
         whole = sum(n for param, n in selected.items() if n == model.numel[param])
         compact = {param: n for param, n in selected.items() if n != model.numel[param]}
         largest = max((model.numel[param] for param in compact), default=0)
-        gradients = max(gradients, whole + 2 * sum(compact.values()) + largest)
-    phase.add("gradients", gradients * model.element)
+        gradients = max(gradients, (whole + 2 * sum(compact.values()) + largest) * model.element)
     trained = {model.map.part_of(param)[0] for selected in kinds.values() for param in selected}
     batches = [model.activations(shapes.batch(which, form, config.batch_size), graph_modes(trained, form), head,
                                  checkpointing=config.checkpointing == "on") for which, form in steps]
-    phase.add("activations", max(batches) if one_at_a_time else sum(batches))
-    return phase
+    phases = [base_phase(model, "training: forward"), base_phase(model, "training: update")]
+    for phase in phases:
+        footprint(phase, model, kept)
+        phase.add("optimizer", 2 * model.element * sum(sum(selected.values()) for selected in kinds.values()))
+    if not one_at_a_time:
+        phases[0].add("activations", sum(batches))
+    elif len(batches) > 1 and gradients + max(batches[1:]) > batches[0]:
+        phases[0].add("activations", max(batches[1:])).add("gradients", gradients)
+    else:
+        phases[0].add("activations", batches[0])
+    largest = max(model.numel[param] for selected in kinds.values() for param in selected)
+    phases[1].add("gradients", gradients).add("optimizer", 2 * largest * model.element)
+    return phases
 
 
 def reference_rows(shapes, config, which: str, anchor: str = "forget") -> int:
@@ -634,4 +645,4 @@ class TrainingPlugin(Plugin):
             kinds[kind] = {name: model.numel[name] for name in selection.masks}
         form = largest_form(config.forms)
         steps = [("forget", form)] + ([("retain", form)] if self.needs_retain else [])
-        return [training_phase(model, shapes, config, kinds, steps, head=self.head, one_at_a_time=self.loss_terms)]
+        return training_phases(model, shapes, config, kinds, steps, head=self.head, one_at_a_time=self.loss_terms)

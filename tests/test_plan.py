@@ -67,21 +67,25 @@ def hand_activations(batch_rows: int, tokens: int, images: int, llm: str, vision
 
 
 def test_ga_breakdown_by_hand(tiny, real):
+    """Two phases of a step: the forward (weights, AdamW's state, originals, one forget batch's activations:
+    GA needs no retain batch) and the update (the gradients instead, and AdamW's two temporaries)."""
     model, _ = real
     numel = {name: p.numel() for name, p in model.named_parameters()}
     everything = sum(numel.values())
     result = plan.plan_plugin("ga", get("ga").footprint, sized(tiny), SHAPES, get("ga").configure())
-    terms = result.breakdown
     assert result.model.params == everything
-    assert terms["weights"] == 4 * everything
-    assert terms["gradients"] == 4 * everything  # GA trains every part whole
-    assert terms["optimizer"] == 2 * 4 * everything  # AdamW: two values per element
+    forward, update = (result.on(phase, "cpu") for phase in result.phases)
+    assert [phase.name for phase in result.phases] == ["training: forward", "training: update"]
     small = sum(4 * n for n in numel.values() if 4 * n < originals.MIN_SPILL)
-    assert terms["originals"] == small and result.per_device["disk"] == 4 * everything - small
-    assert terms["runtime"] == plan.RUNTIME["cpu"]
-    # One forget batch of 4 rows (GA needs no retain batch), every part training.
-    assert terms["activations"] == hand_activations(4, 30, 4, "weights", "weights")
-    assert result.peak_bytes == sum(terms.values()) == result.per_device["cpu"]
+    shared = {"weights": 4 * everything, "optimizer": 2 * 4 * everything,  # AdamW: two values per element
+              "originals": small, "runtime": plan.RUNTIME["cpu"]}
+    assert forward == shared | {"activations": hand_activations(4, 30, 4, "weights", "weights")}
+    largest = max(numel.values())
+    assert update == shared | {"gradients": 4 * everything, "optimizer": 8 * everything + 2 * 4 * largest}
+    assert result.per_device["disk"] == 4 * everything - small  # the originals of 1 MiB and more
+    assert result.peak is result.phases[0]  # the tiny model's activations outweigh its gradients
+    assert result.peak_bytes == sum(forward.values()) == result.per_device["cpu"]
+    assert result.breakdown == {term: forward.get(term, 0) for term in plan.TERMS}
 
 
 class Summed(type(get("graddiff"))):
@@ -95,6 +99,8 @@ def test_a_loss_in_terms_keeps_one_batch_and_rmu_trains_llm_mlps_only(tiny, real
     config = get("graddiff").configure()
     graddiff = plan.plan_plugin("graddiff", get("graddiff").footprint, sized(tiny), SHAPES, config)
     assert graddiff.breakdown["activations"] == hand_activations(4, 30, 4, "weights", "weights")
+    everything = sum(p.numel() for p in model.parameters())
+    assert graddiff.breakdown["gradients"] == 4 * everything  # the forget term's, while the retain batch runs
     summed = plan.plan_plugin("graddiff", Summed().footprint, sized(tiny), SHAPES, config)
     assert summed.breakdown["activations"] == 2 * hand_activations(4, 30, 4, "weights", "weights")
     rmu = get("rmu")
@@ -115,7 +121,7 @@ def test_graph_modes_and_the_rows_whose_references_are_kept(tiny):
     assert plan.graph_modes({"vision", "llm"}, "text") == {"vision": "none", "projector": "none", "llm": "weights"}
     mmu = get("mmunlearner")
     vision = plan.plan_plugin("mmunlearner", mmu.footprint, sized(tiny), SHAPES, mmu.configure({"scope": "vision"}))
-    assert vision.phases[-1].terms["activations"] == hand_activations(4, 30, 4, "inputs", "weights")
+    assert vision.phases[-2].terms["activations"] == hand_activations(4, 30, 4, "inputs", "weights")
     uneven = plan.Shapes({"forget": 4, "retain": 12}, SHAPES.tokens, 4, 3)
     rmu = get("rmu").configure()
     result = plan.plan_plugin("rmu", get("rmu").footprint, sized(tiny), uneven, rmu)
@@ -164,10 +170,11 @@ def test_mmunlearner_phases_hold_two_fisher_sets_at_a_time(tiny, real):
     language = sum(numel[name] for name in names if ".language_model." in name)
     mmu = get("mmunlearner")
     result = plan.plan_plugin("mmunlearner", mmu.footprint, sized(tiny), SHAPES, mmu.configure())
-    assert [phase.name for phase in result.phases] == ["Fisher (retain)", "Fisher (text)", "Fisher (forget)", "training"]
+    assert [phase.name for phase in result.phases] == ["Fisher (retain)", "Fisher (text)", "Fisher (forget)",
+                                                       "training: forward", "training: update"]
     statistics = [result.on(phase, "cpu").get("statistics", 0) for phase in result.phases]
-    assert statistics == [4 * scope, 4 * (language + scope), 8 * scope, scope]  # float32 sums; the bool masks
-    training = result.on(result.phases[-1], "cpu")
+    assert statistics == [4 * scope, 4 * (language + scope), 8 * scope, scope, scope]  # float32 sums; bool masks
+    training = result.on(result.phases[-2], "cpu")
     assert training["optimizer"] == 2 * 4 * (scope + sum(int(numel[name] * 0.5) for name in names))
 
 
@@ -259,7 +266,7 @@ def test_json_through_typer_and_as_a_process(tiny, real, tmp_path):
     found = json.loads(result.output)
     assert found["params"] == sum(p.numel() for p in model.parameters())
     assert found["peak_bytes"] == sum(found["breakdown"].values()) == found["per_device"]["cpu"]
-    assert set(found["breakdown"]) == set(plan.TERMS) and found["peak_phase"] == "training"
+    assert set(found["breakdown"]) == set(plan.TERMS) and found["peak_phase"] == "training: forward"
     assert found["memory"] == 10**12 and found["fits"] is True
     done = subprocess.run([sys.executable, "-m", "mmedit.cli.main", "plan", "ga", str(tiny), "--device", "cpu",
                            "--dtype", "float32", "--memory", "1TB", "--json"], capture_output=True, text=True, timeout=300)

@@ -40,7 +40,7 @@ import torch
 from mmedit.errors import MmeditError
 from mmedit.plugins.base import option, require
 from mmedit.plugins.training import (Selection, TrainConfig, TrainingPlugin, forms_option, largest_form, paired,
-                                     reference_rows, steered_layer, training_phase)
+                                     reference_rows, steered_layer, training_phases)
 from mmedit.plugins.mip_editor.interventions import POSITIONS, model_inputs
 from mmedit.plugins.mip_editor.paths import NeuronPaths
 from mmedit.plugins.mip_editor.search import METHODS, find_paths, search_sites
@@ -152,7 +152,7 @@ def search_rows(job, config) -> int:
 def plan_search_rows(model, shapes, config) -> int:
     if config.search_batch:
         return config.search_batch
-    budget = rmisu_phase(model, shapes, config).terms["activations"]
+    budget = max(phase.terms.get("activations", 0) for phase in rmisu_phases(model, shapes, config))
     one = max(search_phase(model, shapes, config, part, 1).terms["activations"] for part in SIDES[config.side])
     return min(MAX_SEARCH_ROWS, max(config.steps, budget // one))
 
@@ -169,8 +169,8 @@ def search_phase(model, shapes, config, part: str, rows: int):
     return phase.add("activations", model.activations(batch, modes) + 2 * site_bytes(model, batch, [part]))
 
 
-def rmisu_phase(model, shapes, config):
-    """A plan's RMisU phase: the path rows (at most top_k per forget row and layer) of the sites the loss
+def rmisu_phases(model, shapes, config) -> list:
+    """A plan's RMisU phases: the path rows (at most top_k per forget row and layer) of the sites the loss
     reaches, or every producer row (restrict=false); θ₀'s states at layer l kept for the retain batches."""
     from mmedit.plugins.originals import footprint
 
@@ -187,15 +187,16 @@ def rmisu_phase(model, shapes, config):
                     whole = model.numel[producer.param]
                     kinds["train"][producer.param] = whole if not config.restrict else neurons * whole // site.width
     form = largest_form(config.forms)
-    phase = training_phase(model, shapes, config, kinds, [("forget", form), ("retain", form)], head="logits",
-                           one_at_a_time=True)
-    footprint(phase, model, pruned)
+    phases = training_phases(model, shapes, config, kinds, [("forget", form), ("retain", form)], head="logits",
+                             one_at_a_time=True)
     tokens = shapes.batch("retain", form, 1).tokens
     states = reference_rows(shapes, config, "retain", anchor="retain")
     if config.target == "adaptive":
         states += reference_rows(shapes, config, "forget", anchor="retain")
-    phase.add("references", states * tokens * model.hidden("llm") * model.element, off_device=model.device != "cpu")
-    return phase
+    for phase in phases:
+        footprint(phase, model, pruned)
+        phase.add("references", states * tokens * model.hidden("llm") * model.element, off_device=model.device != "cpu")
+    return phases
 
 
 def prune(job, paths: NeuronPaths) -> int:
@@ -295,7 +296,7 @@ class MIPEditor(TrainingPlugin):
         activations allow), then RMisU on the path rows."""
         rows = plan_search_rows(model, shapes, config)
         phases = [search_phase(model, shapes, config, part, rows) for part in SIDES[config.side]]
-        return phases + ([rmisu_phase(model, shapes, config)] if config.rmisu else [])
+        return phases + (rmisu_phases(model, shapes, config) if config.rmisu else [])
 
     def objectives(self, config):
         """RMisU's two terms (after pruning, from the pruned point)."""
