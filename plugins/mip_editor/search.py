@@ -29,7 +29,9 @@ One pass per layer *is* needed for the exact method: layer n's pass scales the p
 layers < n, which are only known after layer n-1's gradients are in; merging layers into one pass would
 turn the path search into independent per-layer IG. Neither the forward below layer n (the path neurons
 there are scaled) nor the backward down to layer 0 (the path term needs their gradients) can be shared
-between layers either. docs/mip-editor.md lists where the reference code differs, and why.
+between layers either. Every pass of a part is right-padded to its longest forget row, so that passes
+share their shapes (CPU kernel libraries cache per shape: in bfloat16 a search over rows of many lengths
+kept ~100 MB more). docs/mip-editor.md lists where the reference code differs, and why.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmedit.data.batches import make_batches
+from mmedit.data.batches import IGNORE, make_batches
 from mmedit.errors import MmeditError
 from mmedit.modelstate import preserved
 from mmedit.plugins import losses
@@ -85,9 +87,17 @@ class _Site:
         return index, rows
 
 
-def _encode(rows, processor, form: str, device) -> dict:
-    batch = next(make_batches(rows, processor, form, batch_size=len(rows), with_answer=True, device=device))
-    return batch.inputs
+def _encode(rows, processor, form: str, device, length: int | None = None) -> dict:
+    """The rows' inputs, right-padded to `length` positions when given (padding, attention 0, labels IGNORE:
+    so that every pass of a search has the same shape, and the CPU's per-shape kernel caches stay small)."""
+    inputs = next(make_batches(rows, processor, form, batch_size=len(rows), with_answer=True, device=device)).inputs
+    width = inputs["input_ids"].shape[1]
+    if length is None or length == width:
+        return inputs
+    return {key: torch.nn.functional.pad(value, (0, 0) * (value.dim() - 2) + (0, length - width),
+                                         value=IGNORE if key == "labels" else 0)
+            if value.dim() >= 2 and value.shape[1] == width and not key.startswith(("pixel", "image")) else value
+            for key, value in inputs.items()}
 
 
 def _clean(wrapped, sites, part: str, positions: str, inputs: dict, samples: int) -> tuple[list[_Site], torch.Tensor]:
@@ -115,13 +125,13 @@ def _contribution(method: str, grad: torch.Tensor, value: torch.Tensor, mask: to
 
 
 def _search_chunk(wrapped, processor, rows, part: str, sites, *, steps: int, top_k: int, positions: str,
-                  steps_per_pass: int, device, share_prefix: bool = False, tick=None):
+                  steps_per_pass: int, device, share_prefix: bool = False, tick=None, length: int | None = None):
     """Paths of one chunk of samples: {site name: (chosen [n, N] bool, scores [n, N])} for the sites
     where some sample chose neurons, the own attributions {site name: [n, N]} of every site, and how many
-    leading positions were shared through a key/value cache (0: none)."""
+    leading positions were shared through a key/value cache (0: none). `length`: pad every pass to it."""
     method, form = METHODS[part]
     n = len(rows)
-    clean_inputs = _encode(rows, processor, form, device)
+    clean_inputs = _encode(rows, processor, form, device, length)
     clean, clean_logits = _clean(wrapped, sites, part, positions, clean_inputs, n)
     start, cache = 0, None
     if share_prefix and part == "llm":
@@ -136,7 +146,7 @@ def _search_chunk(wrapped, processor, rows, part: str, sites, *, steps: int, top
     groups = [list(range(first, min(first + steps_per_pass, steps))) for first in range(0, steps, steps_per_pass)]
     batches = []  # per group: inputs, sample of each row, alpha of each row
     for group in groups:
-        inputs = _encode([row for row in rows for _ in group], processor, form, device)
+        inputs = _encode([row for row in rows for _ in group], processor, form, device, length)
         if inputs["input_ids"].shape != (n * len(group), clean_inputs["input_ids"].shape[1]):
             raise MmeditError("the repeated forget rows do not encode like the originals (processor padding?)")
         if start:
@@ -250,12 +260,13 @@ def find_paths(model, processor, rows: Sequence, *, model_map=None, parts: Seque
         bar = iter(track(range(total), "MIP-Editor: path search", total=total, enabled=progress))
         for part, part_rows, part_sites in plans:
             samples[part] = len(part_rows)
+            length = _encode(part_rows, processor, METHODS[part][1], device)["input_ids"].shape[1]  # the longest
             for start in range(0, len(part_rows), samples_per_pass):
                 chunk = part_rows[start:start + samples_per_pass]
                 chosen, _, shared = _search_chunk(
                     wrapped, processor, chunk, part, part_sites, steps=steps, top_k=top_k, positions=positions,
                     steps_per_pass=steps_per_pass, device=device, share_prefix=share_prefix and not loop,
-                    tick=lambda: next(bar, None))
+                    tick=lambda: next(bar, None), length=length)
                 prefixes.setdefault(part, []).append(shared)
                 for name, (picked, score) in chosen.items():
                     union = found.setdefault(name, {})
