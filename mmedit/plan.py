@@ -41,6 +41,7 @@ ACTIVATION = {
     ("plain", "inputs", 4): (24, 8), ("plain", "inputs", 2): (12, 4),
 }
 RUNTIME = {"cpu": 24 << 20, "cuda": 1 << 30}  # CPU: measured (BENCHMARKS.md, Memory); a CUDA context (estimate)
+HALF_KERNELS = 20 << 20  # CPU, 2-byte dtypes: the half-precision (oneDNN) kernels' own memory, measured
 FIT = 0.9  # a run whose plan exceeds this share of the free memory does not fit (the plan is an estimate)
 TEXT_TOKENS = 48  # config-only plans: a question + short answer with the chat template, per row
 QWEN_STYLE_IMAGE = 448  # config-only plans: the side of an image where the vision tower takes any size
@@ -261,7 +262,8 @@ class Plan:
 
 def base_phase(model: Sized, name: str) -> Phase:
     """A phase that holds the weights and the runtime."""
-    return Phase(name).add("weights", model.bytes(model.numel)).add("runtime", RUNTIME[model.device])
+    runtime = RUNTIME[model.device] + (HALF_KERNELS if model.device == "cpu" and model.element == 2 else 0)
+    return Phase(name).add("weights", model.bytes(model.numel)).add("runtime", runtime)
 
 
 def site_bytes(model: Sized, batch: Batch, parts: Sequence[str]) -> int:
