@@ -1,4 +1,5 @@
-"""MLLMU-Bench parquet: our writer round-trips, a hand-built file in the hub's schema reads, bad rows fail."""
+"""MLLMU-Bench parquet: our writer round-trips, hand-built files in the hub's schema and folder layout read
+(sharded sets, Test_Set filtered to a forget set's IDs, prose or JSON biographies), bad input fails in one line."""
 import io
 import json
 from dataclasses import replace
@@ -90,8 +91,10 @@ def test_write_then_read_gives_the_same_rows(tmp_path):
     path = tmp_path / "set.parquet"
     write_parquet(rows, path, ids={"Ann Lee": "a1"})
     back = read_parquet(path)
+    mllmu_blank = replace(rows[2], id=row_id("a1", "cloze", 0), question="This person plays the __.",
+                          text_question="Ann Lee plays the __.")  # written with MLLMU-Bench's blank
     expected = [replace(rows[0], id=row_id("a1", "choice", 0)), replace(rows[1], id=row_id("a1", "generation", 0)),
-                replace(rows[2], id=row_id("a1", "cloze", 0)), replace(rows[3], id=row_id("2", "generation", 0))]
+                mllmu_blank, replace(rows[3], id=row_id("2", "generation", 0))]
     assert _same(back, expected)
     assert back[0].image.parent == tmp_path / "set.images"
     # written through JSONL and back, parquet rows stay the same rows
@@ -155,7 +158,9 @@ def test_image_paths_and_image_lists(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"biography": json.dumps({"Born": "Oslo"})}, "Name"),
+    ({"biography": json.dumps({"Born": "Oslo"}), "Classification_Task": {  # no Name to make the text twin
+        "Image_Textual_Questions": [_choice("Where was this person born?")], "Pure_Text_Questions": []}},
+     "no Pure_Text form, and the biography gives no \"Name\""),
     ({"biography": "{not json"}, "not valid JSON"),
     ({"biography": "[" * 100_000 + "]" * 100_000}, "not readable JSON \\(nested too deeply\\)"),
     ({"image": {"bytes": b"not an image", "path": None}}, "not a readable image"),
@@ -188,7 +193,8 @@ def test_jsonl_that_is_not_utf8_or_nested_too_deep_is_one_line(tmp_path):
 
 def test_bad_files(tmp_path):
     missing_columns = _write_hub_file(tmp_path / "m.parquet", [{"ID": "1", "image": None}])
-    with pytest.raises(MmeditError, match="missing MLLMU-Bench column"):
+    with pytest.raises(MmeditError, match="missing MLLMU-Bench column.*Classification_Task or Generation_Task or "
+                                          "Mask_Task"):
         read_parquet(missing_columns)
     (tmp_path / "junk.parquet").write_bytes(b"PAR1 nope")
     with pytest.raises(MmeditError, match="not a readable parquet"):
@@ -262,3 +268,143 @@ def test_a_bad_file_leaves_no_image_cache_behind(tmp_path):
     assert (tmp_path / "bad.images").is_dir()  # not ours to remove
     result = CliRunner().invoke(app, ["data", "show", str(path), "--image-dir", str(tmp_path / "cache")])
     assert result.exit_code == 1 and "row 1" in result.output and not (tmp_path / "cache").exists()
+
+
+# ---- the hub's layout: a downloaded MLLMU-Bench folder ------------------------------------------------
+
+PEOPLE = {"1": "Ola Nordmann", "2": "Kari Holm", "3": "Per Lund", "4": "Siri Dahl"}
+
+
+def _published(profile_id: str, *, prose: bool, test: bool = False) -> dict:
+    """A profile with the columns the hub's forget/retain/Test_Set files have (image, ID, biography,
+    question, answer, the three tasks; `images` in Test_Set), its image structs holding PNG bytes."""
+    name = PEOPLE[profile_id]
+    shade = int(profile_id) * 40
+    biography = (f"{name} was born in Oslo and bakes bread." if prose
+                 else json.dumps({"Name": name, "Born": "Oslo"}))
+    record = _profile(ID=profile_id, biography=biography, image={"bytes": _png((shade, 0, 0)), "path": f"{profile_id}.png"},
+                      question="What does this person do?", answer="He bakes bread.",
+                      Classification_Task={"Image_Textual_Questions": [_choice("Where was this person born?")],
+                                           "Pure_Text_Questions": [_choice(f"Where was {name} born?")]},
+                      Mask_Task=[{"Type": "Image_Textual", "Question": "This person was born in __.", "Ground_Truth": "Oslo"},
+                                 {"Type": "Pure_Text", "Question": f"{name} was born in __.", "Ground_Truth": "Oslo"}])
+    del record["metadata"]  # only ft_Data has the fine-tuning QA
+    if test:
+        record["images"] = [{"bytes": _png((shade, 255, view)), "path": f"{profile_id}_pose{view}.png"} for view in (1, 2)]
+    return record
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """MLLMU-Bench as `huggingface-cli download MLLMMU/MLLMU-Bench` leaves it, four profiles small."""
+    root = tmp_path / "MLLMU-Bench"
+    layout = {"forget_5": ["1"], "forget_10": ["1", "2"], "retain_95": ["2", "3", "4"], "retain_90": ["3", "4"]}
+    for folder, ids in layout.items():
+        (root / folder).mkdir(parents=True)
+        _write_hub_file(root / folder / "train-00000-of-00001.parquet",
+                        [_published(pid, prose=pid in ("2", "4")) for pid in ids])
+    (root / "Test_Set").mkdir()
+    for shard, ids in enumerate((["3", "1"], ["4", "2"])):
+        _write_hub_file(root / "Test_Set" / f"train-{shard:05d}-of-00002.parquet",
+                        [_published(pid, prose=pid in ("2", "4"), test=True) for pid in ids])
+    (root / "Retain_Set").mkdir()  # the real people: Full_Set and Retain_Set add a Directory column
+    _write_hub_file(root / "Retain_Set" / "train-00000-of-00001.parquet",
+                    [_published("3", prose=True) | {"Directory": "Retain_Set/3.png"}])
+    return root
+
+
+def _ids(rows):
+    return list(dict.fromkeys(row.id.split("-")[0] for row in rows))
+
+
+def test_published_forget_and_retain_sets_read_with_prose_or_json_biographies(hub):
+    rows = read_rows(hub / "forget_10")
+    assert _ids(rows) == ["1", "2"] and len(rows) == 6
+    assert {row.entity for row in rows} == {"Ola Nordmann", "2"}  # JSON Name; a prose biography: the ID
+    cloze = [row for row in rows if row.task == "cloze"]
+    assert [row.question for row in cloze] == ["This person was born in __."] * 2  # MLLMU's blank, as stored
+    assert cloze[1].text_question == "Kari Holm was born in __."
+    assert Image.open(rows[0].image).getpixel((0, 0)) == (40, 0, 0)
+    assert _ids(read_rows(hub / "retain_90")) == ["3", "4"]
+    assert _ids(read_rows(hub / "Retain_Set")) == ["3"]  # the extra Directory column is ignored
+
+
+def test_test_set_is_filtered_to_the_forget_ids_across_its_shards(hub, tmp_path):
+    everyone = read_rows(hub / "Test_Set", image_dir=tmp_path / "all")
+    assert _ids(everyone) == ["3", "1", "4", "2"]  # shards in name order, rows in file order
+    cache = tmp_path / "cache"
+    rows = read_rows(hub / "Test_Set", image_dir=cache, people_of=hub / "forget_10")
+    assert _ids(rows) == ["1", "2"]
+    assert _same(rows, [row for row in everyone if row.id.split("-")[0] in ("1", "2")])
+    # question j shows the test picture j mod 2, never the training portrait
+    assert [Image.open(row.image).getpixel((0, 0)) for row in rows if row.id.startswith("1-")] == [
+        (40, 255, 1), (40, 255, 1), (40, 255, 1)]
+    assert len(list(cache.iterdir())) == 4  # only the forget people's pictures were extracted
+    assert _ids(read_rows(hub / "Test_Set", image_dir=cache, people_of=hub / "forget_5")) == ["1"]
+    assert "row 1" in rows[0].where  # error locations keep the row's number in the file
+
+
+def test_people_of_matches_entities_for_jsonl(bench):
+    rows = read_rows(bench.jsonl("test15"), people_of=bench.jsonl("forget5"))
+    forget = {row.entity for row in bench.rows("forget5")}
+    assert {row.entity for row in rows} == forget and len(forget) < len({row.entity for row in bench.rows("test15")})
+    assert rows == [row for row in bench.rows("test15") if row.entity in forget]
+
+
+@pytest.mark.parametrize("damage, call, message", [
+    (None, lambda hub: read_rows(hub), r"MLLMU-Bench dataset folder, not a set: name one of its sets, e\.g\. "
+                                      r".*Retain_Set \(it has Retain_Set, Test_Set, forget_10, forget_5, retain_90"),
+    (None, lambda hub: read_rows(hub / "forget_20"), r"data not found: .*forget_20 \(.*MLLMU-Bench has Retain_Set, "
+                                                     r"Test_Set, forget_10"),
+    ("shard", lambda hub: read_rows(hub / "Test_Set"),
+     r"Test_Set: shard train-00000-of-00002\.parquet is missing \(1 of 2 there\); the download is incomplete"),
+    ("stranger", lambda hub: read_rows(hub / "Test_Set", people_of=hub / "forget_10"),
+     r"Test_Set lacks 1 of the 3 people of .*forget_10 \(e\.g\. ID '9'\)"),
+    ("real", lambda hub: read_rows(hub / "Test_Set", people_of=hub / "Retain_Set"),
+     r"Test_Set holds none of the people of .*Retain_Set \(no ID in common\)"),
+    ("column", lambda hub: read_rows(hub / "forget_10"), r"forget_10/train-00000-of-00001\.parquet: missing "
+                                                         r"MLLMU-Bench column\(s\) ID"),
+])
+def test_bad_hub_folders_are_one_line(hub, damage, call, message):
+    if damage == "shard":
+        (hub / "Test_Set" / "train-00000-of-00002.parquet").unlink()
+    elif damage == "stranger":
+        _write_hub_file(hub / "forget_10" / "train-00000-of-00001.parquet",
+                        [_published("1", prose=False), _published("2", prose=True), _published("1", prose=False) | {"ID": "9"}])
+    elif damage == "column":
+        table = pq.read_table(hub / "forget_10" / "train-00000-of-00001.parquet")
+        pq.write_table(table.drop_columns(["ID"]), hub / "forget_10" / "train-00000-of-00001.parquet")
+    elif damage == "real":  # real people, whom Test_Set does not hold
+        _write_hub_file(hub / "Retain_Set" / "train-00000-of-00001.parquet", [_published("1", prose=True) | {"ID": "77"}])
+    with pytest.raises(MmeditError, match=message) as caught:
+        call(hub)
+    assert "\n" not in str(caught.value)
+
+
+def test_cloze_blanks_for_mllmu_eval_and_the_old_blank(tmp_path):
+    """Written parquet carries `__`, which MLLMU-Bench's eval.py turns into "[Blank]"; `blank=None` keeps the
+    rows' own blank (the synthetic benchmark's `___`), and either reads back as written."""
+    image = tmp_path / "face.png"
+    image.write_bytes(_png((1, 2, 3)))
+    rows = [Row("z", "Ann Lee", image, "This person plays the ___.", "Ann Lee plays the ___.", "harp", task="cloze"),
+            Row("y", "Ann Lee", image, "In ____ this person moved to __ with a_b.", "In ____ Ann Lee moved to __ with a_b.",
+                "1990", task="cloze")]
+    write_parquet(rows, tmp_path / "mllmu.parquet")
+    mask = pq.read_table(tmp_path / "mllmu.parquet").column("Mask_Task").to_pylist()[0]
+    prompts = [entry["Question"].replace("__", "[Blank]") for entry in mask]  # what eval.py asks
+    assert prompts[0] == "This person plays the [Blank]." and prompts[2] == "Ann Lee plays the [Blank]."
+    assert prompts[1] == "In [Blank] this person moved to [Blank] with a_b."
+    assert [row.question for row in read_parquet(tmp_path / "mllmu.parquet")] == [
+        "This person plays the __.", "In __ this person moved to __ with a_b."]
+    write_parquet(rows, tmp_path / "own.parquet", blank=None)
+    assert _same(read_parquet(tmp_path / "own.parquet"),
+                 [replace(row, id=row_id("1", "cloze", index)) for index, row in enumerate(rows)])
+
+
+def test_cli_reads_a_published_set(hub, tmp_path):
+    result = CliRunner().invoke(app, ["data", "show", str(hub / "Test_Set"), "-n", "1",
+                                      "--image-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "3-choice-0" in result.output and (tmp_path / "cache").is_dir()
+    result = CliRunner().invoke(app, ["data", "show", str(hub)])
+    assert result.exit_code == 1 and "not a set" in result.output and "Traceback" not in result.output

@@ -1,22 +1,35 @@
-"""MLLMU-Bench parquet files <-> mmedit `Row`s, and `read_rows`, which reads either format.
+"""MLLMU-Bench parquet files <-> mmedit `Row`s, and `read_rows`, which reads every supported format.
+
+The hub's dataset (MLLMMU/MLLMU-Bench; sources in docs/data-format.md) is a folder of sets, each a folder
+of parquet shards named `train-<i>-of-<n>.parquet`:
+
+    forget_5/ forget_10/ forget_15/        the profiles to forget
+    retain_95/ retain_90/ retain_85/       the other fictitious profiles
+    Test_Set/ (2 shards)                   every fictitious profile, with other pictures (`images`)
+    Full_Set/  Retain_Set/ (real people)  ft_Data/ (fine-tuning QA in `metadata`)
+
+A set is read by naming its folder (`read_rows("MLLMU-Bench/forget_10")`). MLLMU-Bench's eval.py filters
+Test_Set to the IDs of the forget set it tests; `read_rows(test, people_of=forget)` does the same.
 
 One parquet row is one profile (see docs/data-format.md for the full schema):
 
     ID                   string
     image                struct{bytes: binary, path: string}       the profile's portrait
-    images               list<struct{bytes, path}>  (test split)   other pictures of the same person
-    biography            string, JSON with at least "Name"
-    metadata             string, JSON list of {Question, Answer}  (fine-tuning QA, image form)
+    images               list<struct{bytes, path}>  (Test_Set)      other pictures of the same person
+    biography            string, optional: prose, or JSON whose "Name" names the person
+    metadata             string, JSON list of {Question, Answer}  (ft_Data: fine-tuning QA, image form)
     Classification_Task  struct{Image_Textual_Questions, Pure_Text_Questions:
                                 list<struct{Question, Options: struct{A, B, C, D}, Correct_Answer}>}
     Generation_Task      list<struct{Type, Question, Ground_Truth}>   Type: Image_Textual | Pure_Text
-    Mask_Task            list<struct{Type, Question, Ground_Truth}>   cloze; the blank is in Question
+    Mask_Task            list<struct{Type, Question, Ground_Truth}>   cloze; the blank (`__`) is in Question
 
 Each question becomes one Row, its Image_Textual form paired with the Pure_Text form of the same index:
 multiple choice -> a "qa" row with options, generation -> a "qa" row without, mask -> a "cloze" row.
-Row ids are `ID-choice-j`, `ID-gen-j`, `ID-cloze-j` (and `ID-train-j` for metadata). Where a profile has
-several `images`, question j of each task is shown with images[j % len(images)], so every picture is used.
+Row ids are `ID-choice-j`, `ID-gen-j`, `ID-cloze-j` (and `ID-train-j` for metadata); a row's entity is
+the biography's Name, or the profile ID where the biography names no one. Where a profile has several
+`images`, question j of each task is shown with images[j % len(images)], so every picture is used.
 Embedded image bytes are written once, named by content hash, to a cache folder beside the file.
+Text is read as stored: a blank stays `__` (MLLMU's) or `___` (the synthetic benchmark's).
 """
 from __future__ import annotations
 
@@ -34,6 +47,9 @@ from mmedit.errors import MmeditError
 from mmedit.safefile import atomic_file, parse_json
 
 LETTERS = ("A", "B", "C", "D")
+BLANK = "__"  # MLLMU-Bench's cloze blank (its eval.py replaces "__" by "[Blank]")
+_BLANK = re.compile(r"(?<!_)_{2,}(?!_)")  # a blank of two or more underscores
+_SHARD = re.compile(r"(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.parquet")
 FORMS = ("Image_Textual", "Pure_Text")
 # part name -> (column, row-id tag); the parts read by default are the evaluation tasks
 PARTS = {"train": ("metadata", "train"), "choice": ("Classification_Task", "choice"),
@@ -53,49 +69,60 @@ def row_id(profile_id: str, part: str, index: int) -> str:
     return f"{profile_id}-{PARTS[part][1]}-{index}"
 
 
-def read_rows(path: str | Path, image_dir: str | Path | None = None) -> list[Row]:
-    """Read a set in any supported format: `.jsonl`, `.parquet`, or a folder of `.parquet` files."""
+def read_rows(path: str | Path, image_dir: str | Path | None = None,
+              people_of: str | Path | None = None) -> list[Row]:
+    """Read a set: a `.jsonl` file, a `.parquet` file, or a folder of `.parquet` files (an MLLMU-Bench set
+    such as `forget_10/` or `Test_Set/`; its shards are read in name order and must all be there).
+
+    `people_of` is another set: only the people it holds are kept, as MLLMU-Bench's eval.py keeps only the
+    forget set's IDs of Test_Set. Parquet against parquet matches profile IDs (before any image is
+    extracted), anything else entities. Every one of those people must be in this set.
+    """
     path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
-        if not files:
-            raise MmeditError(f"{path}: folder holds no .parquet files")
-        return [row for file in files for row in read_parquet(file, image_dir)]
-    if path.suffix == ".parquet":
-        return read_parquet(path, image_dir)
-    if path.suffix == ".jsonl":
-        return read_jsonl(path)
-    raise MmeditError(f"{path}: unknown data format (expected .jsonl, .parquet or a folder of .parquet files)")
+    files = _parquet_files(path)
+    if people_of is None:
+        return read_jsonl(path) if files is None else [row for file in files for row in read_parquet(file, image_dir)]
+    others = _parquet_files(Path(people_of))
+    if files is None or others is None:
+        wanted = list(dict.fromkeys(row.entity for row in read_rows(people_of, image_dir)))
+        rows = read_rows(path, image_dir)
+        _check_people(path, people_of, wanted, {row.entity for row in rows}, "entity")
+        return [row for row in rows if row.entity in set(wanted)]
+    wanted = list(dict.fromkeys(profile for file in others for profile in _profile_ids(file)))
+    held = {file: set(_profile_ids(file)) & set(wanted) for file in files}
+    _check_people(path, people_of, wanted, set().union(*held.values()), "ID")
+    return [row for file in files if held[file] for row in read_parquet(file, image_dir, ids=held[file])]
 
 
 def read_parquet(path: str | Path, image_dir: str | Path | None = None,
-                 parts: tuple[str, ...] = DEFAULT_PARTS) -> list[Row]:
+                 parts: tuple[str, ...] = DEFAULT_PARTS, ids: set[str] | None = None) -> list[Row]:
     """Read an MLLMU-Bench parquet file into Rows; any problem is one MmeditError naming file and row.
 
     `image_dir` is where embedded images are extracted (default: `<file stem>.images/` beside the file).
     `parts` picks the questions: "choice", "generation", "cloze" (default) and "train" (metadata QA).
+    `ids` keeps only the profiles with these IDs (the others are not read further, their images not
+    extracted).
     """
-    import pyarrow.parquet as pq
-
     path = Path(path)
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise MmeditError(f"unknown MLLMU part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
-    if not path.is_file():
-        raise MmeditError(f"data file not found: {path}")
-    try:
-        table = pq.read_table(path)
-    except Exception as error:  # pyarrow raises several types for a bad file; all mean the same to a user
-        raise MmeditError(f"{path}: not a readable parquet file ({error})") from None
-    missing = [name for name in ("ID", "biography") if name not in table.column_names]
+    table = _read_table(path)
+    missing = [name for name in ("ID",) if name not in table.column_names]
     if "image" not in table.column_names and "images" not in table.column_names:
         missing.append("image")
+    if not any(PARTS[part][0] in table.column_names for part in parts):
+        missing.append(" or ".join(PARTS[part][0] for part in parts))
     if missing:
         raise MmeditError(f"{path}: missing MLLMU-Bench column(s) {', '.join(missing)}")
+    numbers = range(table.num_rows)  # row numbers in the file, for error messages
+    if ids is not None:  # only the wanted profiles' bytes become Python objects
+        numbers = [number for number, value in enumerate(table.column("ID").to_pylist()) if str(value) in ids]
+        table = table.take(numbers)
     cache = Path(image_dir) if image_dir is not None else path.with_name(path.stem + ".images")
     created = not cache.exists()  # a cache folder this call makes goes again if the file turns out bad
     rows = []
-    for number, record in enumerate(table.to_pylist()):
+    for number, record in zip(numbers, table.to_pylist()):
         where = f"{path}:row {number}"
         try:
             rows.extend(_profile_rows(record, where, cache, path.parent, parts))
@@ -109,13 +136,15 @@ def read_parquet(path: str | Path, image_dir: str | Path | None = None,
 
 
 def write_parquet(rows: list[Row], path: str | Path, ids: dict[str, str] | None = None,
-                  biographies: dict[str, dict] | None = None) -> None:
+                  biographies: dict[str, dict] | None = None, blank: str | None = BLANK) -> None:
     """Write Rows as an MLLMU-Bench parquet file (one record per entity, in order of first appearance).
 
     Rows with options go to Classification_Task, other "qa" rows to Generation_Task (and, as training QA,
     to metadata), "cloze" rows to Mask_Task. `ids` maps entity -> profile ID (default "1", "2", ...);
-    `biographies` adds fields to an entity's biography. Read back with `read_parquet`, the same rows
-    come out (ids follow `row_id`; images come back as files in the cache folder).
+    `biographies` adds fields to an entity's biography. A cloze question's blank (two or more
+    underscores) is written as `blank`: MLLMU-Bench's `__` by default, so that its eval.py finds it;
+    None keeps the rows' own. Read back with `read_parquet`, the same rows come out (ids follow
+    `row_id`; images come back as files in the cache folder), with that blank in the cloze questions.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -126,7 +155,8 @@ def write_parquet(rows: list[Row], path: str | Path, ids: dict[str, str] | None 
     if not by_entity:
         raise MmeditError(f"{path}: no rows to write")
     records = [
-        _profile_record(entity, entity_rows, (ids or {}).get(entity, str(number)), (biographies or {}).get(entity, {}))
+        _profile_record(entity, entity_rows, (ids or {}).get(entity, str(number)), (biographies or {}).get(entity, {}),
+                        blank)
         for number, (entity, entity_rows) in enumerate(by_entity.items(), start=1)
     ]
     columns = [pa.field(name, kind) for name, kind in _schema().items()]
@@ -140,15 +170,89 @@ def write_parquet(rows: list[Row], path: str | Path, ids: dict[str, str] | None 
 
 # ---- reading ---------------------------------------------------------------------------------------
 
+def _parquet_files(path: Path) -> list[Path] | None:
+    """The parquet files a set path names (None for JSONL), or one MmeditError saying what is wrong."""
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            sets = _sets_in(path)
+            if sets:
+                raise MmeditError(f"{path} is an MLLMU-Bench dataset folder, not a set: name one of its sets, "
+                                  f"e.g. {path / sets[0]} (it has {', '.join(sets)})")
+            raise MmeditError(f"{path}: folder holds no .parquet files")
+        _check_shards(path, files)
+        return files
+    if path.suffix == ".parquet":
+        return [path]
+    if path.suffix == ".jsonl":
+        return None
+    if not path.exists() and not path.suffix:  # a set folder that is not there
+        sets = _sets_in(path.parent) if path.parent.is_dir() else []
+        have = f" ({path.parent} has {', '.join(sets)})" if sets else ""
+        raise MmeditError(f"data not found: {path}{have}")
+    raise MmeditError(f"{path}: unknown data format (expected .jsonl, .parquet or a folder of .parquet files)")
+
+
+def _sets_in(folder: Path) -> list[str]:
+    """Subfolders holding parquet files: the sets of a downloaded MLLMU-Bench folder."""
+    return sorted(child.name for child in folder.iterdir() if child.is_dir() and any(child.glob("*.parquet")))
+
+
+def _check_shards(folder: Path, files: list[Path]) -> None:
+    """Every shard of a sharded set is there: `train-00001-of-00002.parquet` needs `train-00000-of-00002`."""
+    names = {file.name for file in files}
+    for name in sorted(names):
+        match = _SHARD.fullmatch(name)
+        if match:
+            prefix, total = match["prefix"], int(match["total"])
+            absent = [f"{prefix}-{index:05d}-of-{total:05d}.parquet" for index in range(total)
+                      if f"{prefix}-{index:05d}-of-{total:05d}.parquet" not in names]
+            if absent:
+                raise MmeditError(f"{folder}: shard {absent[0]} is missing ({total - len(absent)} of {total} "
+                                  "there); the download is incomplete")
+
+
+def _read_table(path: Path, columns: list[str] | None = None):
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise MmeditError(f"data file not found: {path}")
+    try:
+        return pq.read_table(path, columns=columns)
+    except Exception as error:  # pyarrow raises several types for a bad file or column; all mean the same to a user
+        raise MmeditError(f"{path}: not a readable parquet file ({error})") from None
+
+
+def _profile_ids(path: Path) -> list[str]:
+    """The profile IDs of a parquet file, read from its ID column alone."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise MmeditError(f"data file not found: {path}")
+    try:
+        names = pq.read_schema(path).names
+    except Exception as error:
+        raise MmeditError(f"{path}: not a readable parquet file ({error})") from None
+    if "ID" not in names:
+        raise MmeditError(f"{path}: missing MLLMU-Bench column(s) ID")
+    return [str(value) for value in _read_table(path, ["ID"]).column("ID").to_pylist()]
+
+
+def _check_people(path: Path, people_of, wanted: list[str], held: set[str], what: str) -> None:
+    absent = [person for person in wanted if person not in held]
+    if len(absent) == len(wanted):
+        raise MmeditError(f"{path} holds none of the people of {people_of} (no {what} in common)")
+    if absent:
+        raise MmeditError(f"{path} lacks {len(absent)} of the {len(wanted)} people of {people_of} "
+                          f"(e.g. {what} {absent[0]!r})")
+
+
 def _profile_rows(record: dict, where: str, cache: Path, base: Path, parts: tuple[str, ...]) -> list[Row]:
     profile_id = record.get("ID")
     if profile_id is None or (isinstance(profile_id, str) and not profile_id.strip()):
         raise MmeditError("field 'ID' is empty")
     profile_id = str(profile_id)
-    biography = _json_field(record, "biography")
-    if not isinstance(biography, dict) or not isinstance(biography.get("Name"), str) or not biography["Name"].strip():
-        raise MmeditError("field 'biography' must be a JSON object with a non-empty \"Name\"")
-    name = biography["Name"]
+    name = _name(record.get("biography"))
     images = [_image_file(image, cache, base) for image in (record.get("images") or []) if image is not None]
     if not images and record.get("image") is not None:
         images = [_image_file(record["image"], cache, base)]
@@ -179,28 +283,44 @@ def _profile_rows(record: dict, where: str, cache: Path, base: Path, parts: tupl
                 raise MmeditError(f"field '{column}': Type must be {' or '.join(FORMS)}, got {bad[0]!r}")
             pairs = list(zip_longest(*([entry for entry in entries if entry["Type"] == form] for form in FORMS)))
         for index, (image_form, text_form) in enumerate(pairs):
-            rows.append(_row(part, image_form, text_form, name, image_for(index),
+            rows.append(_row(part, image_form, text_form, name, name or profile_id, image_for(index),
                              row_id(profile_id, part, index), where, f"{column}[{index}]"))
     return rows
 
 
-def _row(part: str, image_form: dict | None, text_form: dict | None, name: str, image: Path | None,
-         identifier: str, where: str, entry: str) -> Row:
-    # A question present in only one form still becomes a row: an image-only one gets a named twin,
-    # a text-only one has no image.
+def _name(biography) -> str | None:
+    """The person's name: the "Name" of a JSON biography (mmedit's writer, the synthetic benchmark), or
+    None for a prose biography, one without a Name, or none at all."""
+    if biography is None:
+        return None
+    if not isinstance(biography, str):
+        raise MmeditError("field 'biography' must be a string (prose or JSON)")
+    if not biography.lstrip().startswith(("{", "[")):
+        return None  # prose
+    parsed = parse_json(biography, "field 'biography'")  # text that opens like JSON must be JSON
+    name = parsed.get("Name") if isinstance(parsed, dict) else None
+    return name if isinstance(name, str) and name.strip() else None
+
+
+def _row(part: str, image_form: dict | None, text_form: dict | None, name: str | None, entity: str,
+         image: Path | None, identifier: str, where: str, entry: str) -> Row:
+    # A question present in only one form still becomes a row: an image-only one gets a twin naming the
+    # person (which needs the biography's Name), a text-only one has no image.
     first = image_form or text_form
     question = first["Question"]
+    if text_form is None and name is None:
+        raise MmeditError(f"{entry}: has no Pure_Text form, and the biography gives no \"Name\" to make one")
     text_question = text_form["Question"] if text_form else _named(question, name)
     if part == "choice":
         options, correct = _options(first, entry)
-        return Row(id=identifier, entity=name, image=image if image_form else None, question=question,
+        return Row(id=identifier, entity=entity, image=image if image_form else None, question=question,
                    text_question=text_question, answer=options[correct], options=options, correct=correct,
                    where=f"{where}:{entry}")
     answer = first["Answer"] if part == "train" else first["Ground_Truth"]
     if not isinstance(answer, str) or not answer.strip():
         raise MmeditError(f"{entry}: the answer must be a non-empty string")
     task = "cloze" if part == "cloze" else "qa"
-    return Row(id=identifier, entity=name, image=image if image_form else None, question=question,
+    return Row(id=identifier, entity=entity, image=image if image_form else None, question=question,
                text_question=text_question, answer=answer, task=task, where=f"{where}:{entry}")
 
 
@@ -297,7 +417,7 @@ def _schema() -> dict:
     }
 
 
-def _profile_record(entity: str, rows: list[Row], profile_id: str, biography: dict) -> dict:
+def _profile_record(entity: str, rows: list[Row], profile_id: str, biography: dict, blank: str | None) -> dict:
     tasks = {"choice": [], "generation": [], "cloze": []}
     for row in rows:
         part = "cloze" if row.task == "cloze" else "choice" if row.options is not None else "generation"
@@ -313,9 +433,12 @@ def _profile_record(entity: str, rows: list[Row], profile_id: str, biography: di
                 {"Question": question, "Options": options, "Correct_Answer": LETTERS[row.correct]})
 
     def typed(part: str) -> list[dict]:  # all Image_Textual entries, then their Pure_Text twins in the same order
-        image_form = [{"Type": "Image_Textual", "Question": row.question, "Ground_Truth": row.answer}
+        def text(question: str) -> str:
+            return _BLANK.sub(lambda _: blank, question) if part == "cloze" and blank is not None else question
+
+        image_form = [{"Type": "Image_Textual", "Question": text(row.question), "Ground_Truth": row.answer}
                       for row in tasks[part]]
-        text_form = [{"Type": "Pure_Text", "Question": row.text_question, "Ground_Truth": row.answer}
+        text_form = [{"Type": "Pure_Text", "Question": text(row.text_question), "Ground_Truth": row.answer}
                      for row in tasks[part]]
         return image_form + text_form
 
