@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mmedit.cli.common import Device, Dtype, Force, ImageDir, Threads, TrustRemoteCode, load_model, out, user_errors
+from mmedit.cli.common import (Device, Dtype, Force, IgnorePlan, ImageDir, Threads, TrustRemoteCode, check_memory,
+                               load_model, out, user_errors)
 from mmedit.errors import MmeditError, first_line
 from mmedit.safefile import check_writable, parse_json
 
@@ -115,6 +116,7 @@ def apply_command(
     dtype: Dtype = "auto",
     threads: Threads = 0,
     trust_remote_code: TrustRemoteCode = False,
+    ignore_plan: IgnorePlan = False,
     force: Force = False,
 ) -> None:
     """Run an edit plugin on MODEL and write the edit as a delta file; MODEL itself is never changed.
@@ -124,13 +126,16 @@ def apply_command(
     from mmedit.plugins import apply_plugin, get
 
     overrides = preset_options(get(plugin), preset) | parse_overrides(config, settings or [])
-    get(plugin).configure(overrides)  # bad options fail before anything loads
+    options = get(plugin).configure(overrides)  # bad options fail before anything loads
     get(plugin).check_stats_keys(_stats_paths(stats or []))
     check_writable(out_path, force)  # an existing or unwritable output fails before the plugin runs
     forget_rows, files = _data(forget, "forget", image_dir)
     retain_rows, retain_file = _data(retain, "retain", image_dir)
     text_rows, text_file = _data(text_retain, "text_retain", image_dir)
     traced, stats_files = _stats(stats or [])
+    check_memory(plugin, model, ignore=ignore_plan, device=device, dtype=dtype, footprint=get(plugin).footprint,
+                 options=options, sets={"forget": forget_rows, **({"retain": retain_rows} if retain_rows else {})},
+                 trust_remote_code=trust_remote_code)
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
     delta = apply_plugin(plugin, loaded, processor, forget_rows, retain_rows, overrides, seed=seed,
                          stats=traced, text_retain_rows=text_rows if text_retain else None,

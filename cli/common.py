@@ -49,7 +49,20 @@ AllowNonfinite = Annotated[
 Threads = Annotated[int, typer.Option(min=0, help=(
     "CPU threads for torch. 0 (default): one thread for a model under 20M parameters on the CPU (tiny models "
     "run fastest so: their ops are too small to split), torch's default (one per core) otherwise."))]
+IgnorePlan = Annotated[bool, typer.Option("--ignore-plan", help=(
+    "Run even when the memory plan (`mmedit plan`) says the run cannot fit this device's free memory."))]
 SMALL_MODEL = 20_000_000  # parameters below which one CPU thread beats several (BENCHMARKS.md "CPU threads")
+
+
+def check_memory(target: str, model: str, *, ignore: bool, device: str, dtype: str = "auto", **options) -> None:
+    """Refuse, before any weights load, a run whose memory plan (mmedit.plan.preflight: the config only)
+    exceeds the device's free memory: one line with the predicted and available bytes and what to change.
+    --ignore-plan (`ignore`) skips the plan."""
+    if ignore:
+        return
+    from mmedit.plan import preflight
+
+    preflight(target, model, device=device, dtype=dtype, **options)
 
 
 def quiet_transformers() -> None:

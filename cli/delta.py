@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Column, Table
 
-from mmedit.cli.common import (AllowNonfinite, Force, TrustRemoteCode, WeightsDevice, out, quiet_transformers,
-                               user_errors)
+from mmedit.cli.common import (AllowNonfinite, Force, IgnorePlan, TrustRemoteCode, WeightsDevice, check_memory, out,
+                               quiet_transformers, user_errors)
 from mmedit.provenance import describe
 
 Deltas = Annotated[list[Path], typer.Argument(help="Delta files, in the order they are (or were) applied.")]
@@ -24,6 +24,7 @@ def merge_command(
     device: WeightsDevice = "cpu",
     allow_nonfinite: AllowNonfinite = False,
     trust_remote_code: TrustRemoteCode = False,
+    ignore_plan: IgnorePlan = False,
     force: Force = False,
 ) -> None:
     """Write MODEL with the deltas applied as a normal HF checkpoint; README.md records the deltas.
@@ -33,6 +34,7 @@ def merge_command(
     from mmedit.checkpoint import merge
 
     quiet_transformers()
+    check_memory("merge", model, ignore=ignore_plan, device=device, trust_remote_code=trust_remote_code)
     path = merge(model, deltas, out_dir, device=device, force=force, allow_nonfinite=allow_nonfinite,
                  trust_remote_code=trust_remote_code)
     out.print(f"merged {len(deltas)} delta(s) into {path}")

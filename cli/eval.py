@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import (AllowNonfinite, Device, Dtype, Force, ImageDir, Threads, TrustRemoteCode, load_model, out, quiet_transformers,
+from mmedit.cli.common import (AllowNonfinite, Device, Dtype, Force, IgnorePlan, ImageDir, check_memory, Threads, TrustRemoteCode, load_model, out, quiet_transformers,
                                user_errors)
 
 
@@ -46,6 +46,7 @@ def eval_command(
     dtype: Dtype = "auto",
     threads: Threads = 0,
     trust_remote_code: TrustRemoteCode = False,
+    ignore_plan: IgnorePlan = False,
     force: Force = False,
 ) -> None:
     """Score multiple choice (option likelihood and generated letter), generation (ROUGE-L) and cloze on
@@ -68,6 +69,8 @@ def eval_command(
     sets = {split: select_people(read_rows(path, image_dir), limit_people, seed) for split, path in files.items()}
     loaded_deltas = [Delta.load(path) for path in deltas or []]  # a bad delta fails before the model loads
     quiet_transformers()
+    check_memory("eval", model, ignore=ignore_plan, device=device, dtype=dtype, batch_size=batch_size,
+                 trust_remote_code=trust_remote_code)
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
     with applied(loaded, loaded_deltas, allow_nonfinite=allow_nonfinite):
         pass  # the deltas fit this model (or one clear error) before the base model is evaluated

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import (Device, Dtype, Force, ImageDir, Threads, TrustRemoteCode, err, load_model, out,
-                               user_errors)
+from mmedit.cli.common import (Device, Dtype, Force, IgnorePlan, ImageDir, Threads, TrustRemoteCode, check_memory, err,
+                               load_model, out, user_errors)
 from mmedit.errors import MmeditError
 
 
@@ -39,6 +39,7 @@ def trace_command(
     dtype: Dtype = "auto",
     threads: Threads = 0,
     trust_remote_code: TrustRemoteCode = False,
+    ignore_plan: IgnorePlan = False,
     force: Force = False,
 ) -> None:
     """Record per-neuron statistics across the vision encoder, projector and LLM.
@@ -60,6 +61,8 @@ def trace_command(
     rows = read_rows(data, image_dir)[:limit]
     if any(row.image is None for row in rows) and "multimodal" in form_list:
         raise MmeditError(f"{data}: some rows have no image; trace them with --forms text")
+    check_memory("trace", model, ignore=ignore_plan, device=device, dtype=dtype, sets={"forget": rows},
+                 batch_size=batch_size, grads=grads, trust_remote_code=trust_remote_code)
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
 
     def batches():

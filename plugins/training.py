@@ -424,7 +424,7 @@ class Trainer(Passes):
                     param.requires_grad_(False)
                 self.model.train()
                 if checkpointing:
-                    self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    self.model.activation_checkpointing_enable({"use_reentrant": False})
                 for index, (kind, forget, retain) in enumerate(
                         track(plan, f"{self.method.name}: training", enabled=self.job.progress)):
                     if kind not in self.selections:
@@ -436,7 +436,7 @@ class Trainer(Passes):
             for hook in hooks:
                 hook.remove()
             if checkpointing:
-                self.model.gradient_checkpointing_disable()
+                self.model.activation_checkpointing_disable()
         for selection in self.selections.values():
             bad = [n for n in selection.masks if not bool(torch.isfinite(self.params[n]).all())]
             if bad:

@@ -300,3 +300,66 @@ def test_bad_input_is_one_error_line(tiny, args, message):
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+
+
+def test_the_longest_rows_give_every_rows_shapes(real, tmp_path, monkeypatch):
+    """The plan encodes only each set's longest rows (plan.longest): the shapes equal those of all rows."""
+    import dataclasses
+
+    model, processor = real
+    base = make_rows(tmp_path)
+    rows = [dataclasses.replace(row, id=f"{row.id}-{k}", question=row.question + " Tell me." * (k % 7),
+                                text_question=row.text_question + " Now." * (k % 5), answer=row.answer + " x" * (k % 3))
+            for k in range(5) for row in base]
+    assert len(plan.longest(rows, "multimodal", 1)) < len(rows)  # only some are encoded
+    some = plan.shapes_from_rows(plan.Sized(model.config), processor, {"forget": rows}, 1)
+    monkeypatch.setattr(plan, "CANDIDATES", len(rows))
+    every = plan.shapes_from_rows(plan.Sized(model.config), processor, {"forget": rows}, 1)
+    assert some == every and some.rows == {"forget": 40}
+
+
+def _data_folder(folder: Path) -> Path:
+    folder.mkdir()
+    rows = make_rows(folder)
+    for name, part in (("forget10", rows[:4]), ("test10", rows[4:6]), ("retain90", rows[4:])):
+        write_jsonl(part, folder / f"{name}.jsonl")
+    return folder
+
+
+COMMANDS = {  # command -> its arguments after MODEL (data under {d}, outputs under {o})
+    "apply": ["apply", "ga", "{m}", "--forget", "{d}/forget10.jsonl", "--retain", "{d}/retain90.jsonl", "--set",
+              "max_steps=1", "--out", "{o}/ga.safetensors"],
+    "trace": ["trace", "{m}", "--data", "{d}/forget10.jsonl", "--grads", "--out", "{o}/t.safetensors"],
+    "eval": ["eval", "{m}", "--data", "{d}", "--out", "{o}/e.json"],
+    "merge": ["merge", "{m}", "{o}/ga.safetensors", "--out", "{o}/merged"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_run_the_plan_says_cannot_fit_stops_before_weights_load(command, tiny, tmp_path, monkeypatch):
+    """trace, apply, eval and merge plan first: one line with the predicted and available bytes and the
+    advice, no weights read, nothing written; --ignore-plan runs it anyway."""
+    data, outputs = _data_folder(tmp_path / "data"), tmp_path / "out"
+    outputs.mkdir()
+    args = [word.format(m=tiny, d=data, o=outputs) for word in COMMANDS[command]] + ["--device", "cpu"]
+    monkeypatch.setattr(plan, "available_bytes", lambda device: 1 << 20)
+    import mmedit.checkpoint
+    import mmedit.loading
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(mmedit.loading, "load", no_weights)
+    monkeypatch.setattr(mmedit.checkpoint, "merge", no_weights)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, (result.output, result.exception)
+    line = result.output.strip()
+    assert "\n" not in line and line.startswith(f"error: {'ga' if command == 'apply' else command} needs about ")
+    assert "on cpu" in line and "1.0 MiB available; " in line
+    assert not any(outputs.iterdir())
+    if command == "apply":  # the plan skipped: the edit runs under the same (patched) 1 MiB
+        monkeypatch.undo()
+        monkeypatch.setattr(plan, "available_bytes", lambda device: 1 << 20)
+        result = CliRunner().invoke(app, [*args, "--ignore-plan"])
+        assert result.exit_code == 0, result.output
+        assert (outputs / "ga.safetensors").is_file()
