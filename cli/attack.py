@@ -1,5 +1,6 @@
-"""`mmedit attack`: does what an edit forgot come back? Relearning, quantisation, membership inference and
-leakage across forms, on the edited model and on the base as control (mmedit.eval.attacks)."""
+"""`mmedit attack`: does what an edit forgot come back? Relearning, quantisation, a hidden-state probe,
+membership inference and leakage across forms, on the edited model and on the base as control
+(mmedit.eval.attacks)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,7 @@ from mmedit.cli.common import (AllowNonfinite, Device, Dtype, Force, ImageDir, T
                                quiet_transformers, user_errors)
 from mmedit.eval.attack_settings import ATTACKS, PARTS, Settings
 
-DEFAULT_ATTACKS = "relearn,quantize,leakage"  # mia needs --mia-control: people the model never saw
+DEFAULT_ATTACKS = "relearn,quantize,probe,leakage"  # mia needs --mia-control: people the model never saw
 DEFAULTS = Settings()
 
 
@@ -33,7 +34,7 @@ def attack_command(
     attacks: Annotated[str, typer.Option(help=f"Comma-separated, of: {', '.join(ATTACKS)}. mia needs --mia-control.")] = DEFAULT_ATTACKS,
     mia_control: Annotated[Path | None, typer.Option(help="Rows (JSONL or parquet) about people the model never saw: mia's non-members.")] = None,
     forget: Annotated[int, typer.Option(help="Forget percentage: picks forgetN / retain(100-N).")] = 10,
-    plot: Annotated[Path | None, typer.Option(help="Also write a PNG: recovery per attack, MIA AUC, leakage.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also write a PNG: recovery per attack, probe accuracy, MIA AUC, leakage.")] = None,
     seed: Annotated[int, typer.Option(help="Seeds the fact split, LoRA's initialisation, batch order and retain samples.")] = DEFAULTS.seed,
     steps: Annotated[int, typer.Option(min=1, help="relearn: optimiser steps.")] = DEFAULTS.steps,
     lr: Annotated[float, typer.Option(min=0.0, help="relearn: AdamW learning rate.")] = DEFAULTS.lr,
@@ -43,6 +44,8 @@ def attack_command(
     train_batch_size: Annotated[int, typer.Option(min=1, help="relearn: rows per training step.")] = DEFAULTS.train_batch_size,
     bits: Annotated[str, typer.Option(help="quantize: comma-separated bit widths, each 2..8.")] = ",".join(map(str, DEFAULTS.bits)),
     group_size: Annotated[int, typer.Option(min=1, help="quantize: inputs per quantisation group.")] = DEFAULTS.group_size,
+    probe_decay: Annotated[float, typer.Option(min=0.0, help="probe: L2 weight decay of the logistic-regression probe.")] = DEFAULTS.probe_decay,
+    probe_steps: Annotated[int, typer.Option(min=1, help="probe: L-BFGS iterations per layer's probe.")] = DEFAULTS.probe_steps,
     min_k: Annotated[float, typer.Option(help="mia: Min-K%'s fraction of lowest-probability answer tokens, in (0, 1].")] = DEFAULTS.min_k,
     min_gap: Annotated[float, typer.Option(help="Recovery is left undefined where the edit moved a value by no more than this (fraction: 0.05 = 5 points).")] = DEFAULTS.min_gap,
     retain_people: Annotated[int, typer.Option(min=1, help="Retain people scored for collateral damage (seeded sample).")] = DEFAULTS.retain_people,
@@ -59,11 +62,13 @@ def attack_command(
 ) -> None:
     """Attack an edit and say how much of what it forgot comes back: relearn (fine-tune on half of each
     forget person's facts, scored on the other half; and on retain rows only), quantize (weight-only int8 /
-    int4 round-to-nearest), mia (loss and Min-K% membership AUC against --mia-control people) and leakage
-    (forgotten in the image form, still known in the text form, and the reverse). Each runs on the edited
+    int4 round-to-nearest), probe (a linear probe fitted on the base model's hidden states of other retain
+    people, read on the forget people's hidden states in the edited model), mia (loss and Min-K% membership
+    AUC against --mia-control people) and leakage (forgotten in the image form, still known in the text
+    form, and the reverse). Each runs on the edited
     model and, as control, on the base; recovery = (attacked - edited) / (base - edited).
 
-    Example: mmedit attack tiny --delta mmu.safetensors --data bench --attacks quantize,mia,leakage --mia-control bench-small/retain90.jsonl --out attack-mia.json --plot attack-mia.png
+    Example: mmedit attack tiny --delta mmu.safetensors --data bench --attacks quantize,probe,mia,leakage --mia-control bench-small/retain90.jsonl --out attack-mia.json --plot attack-mia.png
     """
     from mmedit import __version__
     from mmedit.cli.eval import delta_provenance, set_sha256
@@ -85,8 +90,9 @@ def attack_command(
     settings = Settings(seed=seed, steps=steps, lr=lr, rank=rank, full=full,
                         lora_parts=tuple(part.strip() for part in lora_parts.split(",") if part.strip()),
                         train_batch_size=train_batch_size, bits=_numbers(bits, "--bits"), group_size=group_size,
-                        min_k=min_k, min_gap=min_gap, retain_people=retain_people, batch_size=batch_size,
-                        max_new_tokens=max_new_tokens, letters=letters)
+                        probe_decay=probe_decay, probe_steps=probe_steps, min_k=min_k, min_gap=min_gap,
+                        retain_people=retain_people, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                        letters=letters)
     files = {split: path for split, path in find_sets(data, forget).items() if split != "test"}
     sets = {split: read_rows(path, image_dir) for split, path in files.items()}
     control = read_rows(mia_control, image_dir) if mia_control is not None else None

@@ -1,8 +1,10 @@
 """`mmedit attack` (mmedit.eval.attacks): the formulas on hand-computed values, then the attacks on the
 shipped embedded model with a real edit (GA with its embedded preset): relearning the forget people's other
 facts brings forgotten answers back (more than relearning retain rows), int4 moves the weights more than
-int8, the membership attack tells trained people from never-seen ones, the model comes back bit for bit,
-and the CLI (in process and as a subprocess) writes its report or refuses bad input in one line."""
+int8, the hidden-state probe reads the trained people's attributes from the base model and loses the image
+form's (what GA forgot) but not the text form's, and falls to chance under an edit that scrambles the LLM,
+the membership attack tells trained people from never-seen ones, the model comes back bit for bit, and the
+CLI (in process and as a subprocess) writes its report or refuses bad input in one line."""
 import json
 import math
 import subprocess
@@ -19,7 +21,7 @@ from mmedit.cli.main import app
 from mmedit.data.batches import IGNORE
 from mmedit.errors import MmeditError
 from mmedit.eval import attack_metrics as am
-from mmedit.eval import attacks
+from mmedit.eval import attacks, probe
 from mmedit.eval.attack_settings import Settings, parse_attacks
 from mmedit.eval.harness import Record
 from mmedit.loading import load
@@ -150,9 +152,50 @@ def test_leakage_counts_questions_forgotten_in_one_form_and_answered_in_the_othe
     assert (found[f"{text}->{image}"]["forgotten"], found[f"{text}->{image}"]["leaked"]) == (2, 1)
 
 
+def test_kept_is_the_share_of_the_probes_accuracy_above_chance_that_survives():
+    assert am.kept(0.9, 0.5, 0.1) == pytest.approx(0.5)
+    assert am.kept(0.9, 0.9, 0.1) == pytest.approx(1.0) and am.kept(0.9, 0.1, 0.1) == 0.0
+    assert am.kept(0.9, 0.05, 0.1) == pytest.approx(-0.0625)  # below chance
+    assert am.kept(0.12, 0.5, 0.1, min_gap=0.05) is None and am.kept(0.9, None, 0.1) is None
+
+
+def _row(entity, question, answer, **extra):
+    from mmedit.data.rows import Row
+
+    return Row(id=f"{entity}-{question}-{answer}", entity=entity, image=None, question=question,
+               text_question=f"{question} ({entity})", answer=answer, **extra)
+
+
+def test_probe_labels_prompts_and_chance():
+    choice = _row("A", "Job?", "x", options=("Pilot!", "Baker"), correct=0)
+    assert probe.label(choice) == "pilot" and probe.label(_row("A", "Job?", "The Baker.")) == "the baker"
+    # a multiple-choice row and the short-answer row asking the same words are one prompt
+    assert probe.prompts([choice, _row("A", "Job?", "Pilot"), _row("A", "Pet?", "cat")]) == \
+        [choice, _row("A", "Pet?", "cat")]
+    train = [_row(n, "Job?", job) for n, job in (("A", "pilot"), ("B", "pilot"), ("C", "baker"))] + \
+            [_row(n, "Pet?", pet) for n, pet in (("A", "cat"), ("B", "dog"), ("C", "dog"), ("D", "dog"))]
+    # per question: "Job?" -> pilot, "Pet?" -> dog (overall the most frequent label is dog)
+    scored = [_row("E", "Job?", "pilot"), _row("E", "Pet?", "cat"), _row("F", "Job?", "baker"),
+              _row("F", "Pet?", "dog"), _row("F", "Age?", "dog")]
+    assert probe.chance(train, scored) == pytest.approx(3 / 5)  # pilot, dog, and dog for the unseen question
+    assert probe.chance(train, []) is None
+
+
+def test_probe_fit_separates_what_is_linearly_separable_and_generalises():
+    generator = torch.Generator().manual_seed(0)
+    centres = 4 * torch.randn(3, 8, generator=generator)
+    targets = torch.arange(3).repeat(40)
+    features = centres[targets] + torch.randn(120, 8, generator=generator)
+    fitted = probe.fit(features[:90], targets[:90], 3)
+    assert (fitted.predict(features[90:]) == targets[90:]).all()
+    assert torch.equal(fitted.weight, probe.fit(features[:90], targets[:90], 3).weight)  # deterministic
+    shuffled = probe.fit(features[:90], targets[:90][torch.randperm(90, generator=generator)], 3)
+    assert (shuffled.predict(features[90:]) == targets[90:]).double().mean() < 0.7  # nothing real to learn
+
+
 def test_settings_and_attack_names_are_checked():
-    assert parse_attacks("mia, relearn") == ("relearn", "mia")
-    for text, message in (("relearn,probe", "unknown attack 'probe'"), (",", "no attack named")):
+    assert parse_attacks("mia, relearn, probe") == ("relearn", "probe", "mia")
+    for text, message in (("relearn,jailbreak", "unknown attack 'jailbreak'"), (",", "no attack named")):
         with pytest.raises(MmeditError, match=message):
             parse_attacks(text)
     for options, message in (({"bits": (9,)}, "between 2 and 8"), ({"min_k": 1.5}, "Min-K"),
@@ -183,7 +226,7 @@ def edited(shipped, tmp_path_factory):
 def result(edited):
     model, processor, sets, delta, _, strangers = edited
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    found = attacks.run(model, processor, sets, [delta], ("relearn", "quantize", "mia", "leakage"), Settings(),
+    found = attacks.run(model, processor, sets, [delta], ("relearn", "quantize", "probe", "mia", "leakage"), Settings(),
                         control=strangers.rows("retain90"), progress=False)
     return found, before
 
@@ -261,6 +304,69 @@ def test_int4_moves_the_weights_more_than_int8(result):
     assert variants["int8"]["attacked"]["base"]["retain"]["Image_Textual"]["choice_acc"] > 0.9  # still the model
 
 
+def test_probe_hidden_states_are_the_last_prompt_token_of_each_row_whatever_the_padding(edited):
+    model, processor, sets, _, _, _ = edited
+    rows = probe.prompts(sets["forget"])[:6]
+    lengths = {len(processor.tokenizer(row.text_question)["input_ids"]) for row in rows}
+    assert len(lengths) > 1  # the batch is padded
+    states = probe.collect(model, processor, {"forget": rows}, batch_size=6, progress=False)
+    assert states["Image_Textual"]["forget"].shape[:2] == states["Pure_Text"]["forget"].shape[:2] == (3, 6)
+    for index, row in enumerate(rows):
+        alone = probe.collect(model, processor, {"forget": [row]}, batch_size=1, progress=False)
+        for form in ("Image_Textual", "Pure_Text"):
+            assert torch.allclose(states[form]["forget"][:, index], alone[form]["forget"][:, 0], atol=1e-4)
+
+
+def test_probe_reads_the_trained_attributes_from_the_base_and_loses_what_ga_forgot(result):
+    found, _ = result
+    attack = found["attacks"]["probe"]
+    people = {group: set(names) for group, names in attack["people"].items()}
+    assert not people["train"] & people["forget"] and not people["train"] & people["retain"]
+    assert len(people["train"]) == 40 and len(people["retain"]) == 5 and len(people["forget"]) == 5
+    for form, values in attack["forms"].items():
+        best = values["layers"][values["best_layer"]]
+        assert values["best_layer"] == max(range(len(values["layers"])),
+                                           key=lambda layer: values["layers"][layer]["base"]["retain"])
+        # measured: base forget 98 % (image) / 100 % (text), control 100 %, chance 10 % / 8 %
+        assert best["base"]["forget"] > 0.9 and best["base"]["retain"] > 0.9 and best["train"] == 1.0
+        assert values["chance"]["forget"] < 0.2 and values["chance"]["retain"] < 0.2
+        assert values["layers"][0]["base"]["forget"] <= values["chance"]["forget"] + 0.05  # embeddings: chance
+        assert values["rows"] == {"train": 800, "forget": 100, "retain": 100}
+        assert best["edited"]["retain"] > 0.9  # the control people are still read
+    # GA forgot the image form only (forget VQA 66 %, QA 100 %): measured kept 0.44 (image) and 1.00 (text)
+    assert attack["forms"]["Image_Textual"]["kept"]["forget"] < 0.7
+    assert attack["forms"]["Pure_Text"]["kept"]["forget"] > 0.9
+
+
+def _scrambled(model):
+    """A delta whose edited model has every LLM weight's entries shuffled: nothing of the people is left."""
+    import copy
+
+    from mmedit.arch import model_map
+    from mmedit.delta import Delta
+
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    names = set(model_map(other).parameters("llm"))
+    with torch.no_grad():
+        for name, parameter in other.named_parameters():
+            if name in names and parameter.dim() == 2 and parameter is not other.get_output_embeddings().weight:
+                flat = parameter.flatten()
+                parameter.copy_(flat[torch.randperm(flat.numel(), generator=generator)].reshape(parameter.shape))
+    return Delta.from_models(model, other)
+
+
+def test_probe_falls_to_chance_when_the_edit_scrambles_the_llm(edited):
+    model, processor, sets, _, _, _ = edited
+    found = attacks.run(model, processor, sets, [_scrambled(model)], ("probe",), Settings(), progress=False)
+    for form, values in found["attacks"]["probe"]["forms"].items():
+        best = values["layers"][values["best_layer"]]
+        assert best["base"]["forget"] > 0.9  # fitted on the base model: still reads it
+        for group in ("forget", "retain"):
+            assert best["edited"][group] <= values["chance"][group] + 0.1, (form, group, best)
+        assert values["kept"]["forget"] < 0.15
+
+
 def test_membership_tells_trained_people_from_never_seen_ones(result):
     found, _ = result
     mia = found["attacks"]["mia"]
@@ -292,22 +398,26 @@ def _arguments(shipped, edited, out, *extra):
 def test_cli_writes_the_report_with_provenance_tables_and_plot(shipped, edited, tmp_path):
     strangers = edited[5]
     out, plot = tmp_path / "attack.json", tmp_path / "attack.png"
-    shown = runner.invoke(app, _arguments(shipped, edited, out, "--attacks", "quantize,mia,leakage", "--mia-control",
+    shown = runner.invoke(app, _arguments(shipped, edited, out, "--attacks", "quantize,probe,mia,leakage", "--mia-control",
                                           str(strangers.jsonl("retain90")), "--plot", str(plot), "--bits", "4"),
                           terminal_width=200)
     assert shown.exit_code == 0, shown.output
     record = json.loads(out.read_text())
-    assert record["format"] == "mmedit.attack-report" and record["attacks_run"] == ["quantize", "mia", "leakage"]
-    assert list(record["attacks"]) == ["quantize", "mia", "leakage"] and list(record["attacks"]["quantize"]["variants"]) == ["int4"]
+    assert record["format"] == "mmedit.attack-report" and record["attacks_run"] == ["quantize", "probe", "mia", "leakage"]
+    assert list(record["attacks"]) == ["quantize", "probe", "mia", "leakage"] and list(record["attacks"]["quantize"]["variants"]) == ["int4"]
     assert len(record["data"]["sets"]["forget"]["sha256"]) == 64 and record["data"]["mia_control"]["people"] == 9
     assert record["deltas"][0]["provenance"]["plugin"]["name"] == "ga" and record["settings"]["seed"] == 0
     assert record["versions"]["torch"] and plot.read_bytes()[:4] == b"\x89PNG"
-    for title in ("what comes back", "membership inference", "leakage across forms"):
+    probed = record["attacks"]["probe"]
+    assert set(probed["forms"]) == {"Image_Textual", "Pure_Text"} and record["settings"]["probe_steps"] == 50
+    assert probed["forms"]["Pure_Text"]["layers"][2]["base"]["forget"] > 0.9 and "fitted on the base" in probed["method"]
+    for title in ("what comes back", "hidden-state probe", "membership inference", "leakage across forms"):
         assert title in shown.output
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--attacks", "relearn,probe"], "error: unknown attack 'probe'; attacks are relearn, quantize, mia, leakage"),
+    (["--attacks", "relearn,jailbreak"],
+     "error: unknown attack 'jailbreak'; attacks are relearn, quantize, probe, mia, leakage"),
     (["--attacks", "mia"], "error: mia needs people the model never saw (--mia-control FILE)"),
     (["--attacks", "leakage", "--mia-control", "x.jsonl"], "error: --mia-control is for the mia attack"),
     (["--bits", "4,9"], "error: quantisation bit widths must be between 2 and 8, got [4, 9]"),
@@ -349,6 +459,30 @@ def test_cli_refuses_a_data_folder_without_what_relearn_needs(shipped, edited, t
     (data / "forget10.jsonl").unlink()
     shown = runner.invoke(app, arguments)
     assert shown.exit_code == 1 and "no forget set" in shown.output and not out.exists()
+
+
+def test_cli_refuses_a_probe_on_data_without_shared_attribute_labels(shipped, edited, tmp_path, monkeypatch):
+    """Answers no training person shares (free-text answers, as MLLMU-Bench's generation rows): one line."""
+    import dataclasses
+
+    from mmedit.data.rows import write_jsonl
+
+    paths, info = shipped
+    monkeypatch.setattr("mmedit.cli.attack.load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl([dataclasses.replace(row, answer=f"{row.answer} as {row.entity} said", options=None, correct=None)
+                 for row in info.rows("forget10")], data / "forget10.jsonl")
+    write_jsonl(info.rows("retain90"), data / "retain90.jsonl")
+    out = tmp_path / "attack.json"
+    arguments = _arguments(shipped, edited, out, "--attacks", "probe")
+    arguments[arguments.index("--data") + 1] = str(data)
+    shown = runner.invoke(app, arguments)
+    lines = shown.output.strip().splitlines()
+    assert shown.exit_code == 1 and len(lines) == 1 and not out.exists()
+    assert lines[0].startswith("error: probe: no forget row's answer is an answer of any training (retain) person")
+    shown = runner.invoke(app, [*arguments, "--retain-people", "45"])  # every retain person is the control
+    assert shown.exit_code == 1 and shown.output.strip().startswith("error: probe needs retain people besides")
 
 
 def test_cli_refuses_a_delta_for_another_base_model(shipped, edited, tmp_path):

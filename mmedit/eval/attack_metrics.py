@@ -6,6 +6,7 @@
 - `min_k_mean`, `auc`: membership-inference scores and the separation of two groups of scores.
 - `split_facts`: a forget set cut into the facts an attacker relearns and the facts that score the attack.
 - `leakage`: questions forgotten in one form and still answered in the other.
+- `kept`: how much of a probe's reading above chance survives an edit.
 """
 from __future__ import annotations
 
@@ -29,6 +30,15 @@ def recovery(base: float, edited: float, attacked: float, min_gap: float = 0.0) 
     than `min_gap` (|base - edited| <= min_gap; with 0, when base == edited): there is nothing to recover,
     and a ratio over a tiny gap is noise."""
     return None if abs(base - edited) <= min_gap else (attacked - edited) / (base - edited)
+
+
+def kept(base: float | None, edited: float | None, floor: float | None, min_gap: float = 0.0) -> float | None:
+    """(edited - floor) / (base - floor): the share of a probe's accuracy above chance (`floor`) on the base
+    model that it still has on the edited one: 1 = reads the people as well as before, 0 = chance. None
+    where a value is missing or the base is no more than `min_gap` above the floor (nothing to keep)."""
+    if base is None or edited is None or floor is None or base - floor <= min_gap:
+        return None
+    return (edited - floor) / (base - floor)
 
 
 def rtn(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

@@ -93,8 +93,36 @@ def leakage_table(result: dict) -> Table | None:
     return grid
 
 
+def probe_table(result: dict) -> Table | None:
+    found = result["attacks"].get("probe")
+    if not found:
+        return None
+    grid = Table(title="hidden-state probe: accuracy of a linear probe fitted on the base model", caption=(
+        "accuracy in % of a per-layer probe predicting the answer from the last prompt token's hidden state, fitted "
+        "on the base model's states of other retain people; forget / retain: the forget people and the held-out "
+        "retain people in each model; chance: the most frequent training answer per question; * = the layer chosen "
+        "by the base model's retain accuracy; kept = (edited - chance) / (base - chance) there: 1 = the edit hid "
+        "the answers but they are still readable, 0 = no better than chance"))
+    for column in ("form", "layer", "chance", "base forget", "edited forget", "base retain", "edited retain", "kept"):
+        grid.add_column(column, justify="left" if column in ("form", "layer") else "right")
+    for form, values in found["forms"].items():
+        for entry in values["layers"]:
+            best = entry["layer"] == values["best_layer"]
+            grid.add_row(SHORT_FORMS.get(form, form), entry["name"] + (" *" if best else ""),
+                         _percent(values["chance"]["forget"]), _percent(entry["base"]["forget"]),
+                         _percent(entry["edited"]["forget"]), _percent(entry["base"]["retain"]),
+                         _percent(entry["edited"]["retain"]), _ratio(values["kept"]["forget"]) if best else "")
+        grid.add_section()
+    return grid
+
+
 def tables(result: dict) -> list[Table]:
-    return [table for table in (recovery_table(result), mia_table(result), leakage_table(result)) if table is not None]
+    return [table for table in (recovery_table(result), probe_table(result), mia_table(result), leakage_table(result))
+            if table is not None]
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _bars(axis, positions, values, width, label=None) -> None:
@@ -106,7 +134,8 @@ def _bars(axis, positions, values, width, label=None) -> None:
 
 
 def plot(result: dict, path: str | Path, metric: str = HEADLINE, force: bool = False) -> Path:
-    """One panel per kind of result: recovery of `metric` per attack variant and form; MIA Min-K% AUC of
+    """One panel per kind of result: recovery of `metric` per attack variant and form; the probe's accuracy
+    at its chosen layer per model and people, chance marked; MIA Min-K% AUC of
     the forget people for base and edited model; leakage rate of `metric` per direction. Written
     atomically as a PNG."""
     import matplotlib
@@ -117,7 +146,7 @@ def plot(result: dict, path: str | Path, metric: str = HEADLINE, force: bool = F
     attacks = result["attacks"]
     bars = [(f"{attack} {variant}", values["recovery"]) for attack in ("relearn", "quantize")
             for variant, values in attacks.get(attack, {}).get("variants", {}).items()]
-    panels = [panel for panel, present in (("recovery", bars), ("mia", "mia" in attacks),
+    panels = [panel for panel, present in (("recovery", bars), ("probe", "probe" in attacks), ("mia", "mia" in attacks),
                                            ("leakage", "leakage" in attacks)) if present]
     figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.4 * max(1, len(panels)), 4.6), squeeze=False)
     width = 0.38
@@ -130,6 +159,20 @@ def plot(result: dict, path: str | Path, metric: str = HEADLINE, force: bool = F
             axis.axhline(1, color="black", lw=0.8, ls="--")
             axis.axhline(0, color="black", lw=0.8)
             axis.set_ylabel(f"recovery of {metric} (1 = back to the base model)")
+        elif panel == "probe":
+            forms = attacks["probe"]["forms"]
+            pairs = [(model, group) for group in ("forget", "retain") for model in ("base", "edited")]
+            labels = [f"{model} {group}" for model, group in pairs]
+            for index, form in enumerate(form for form in metrics.FORMS if form in forms):
+                values = forms[form]
+                best = values["layers"][values["best_layer"]]
+                positions = [i + (index - 0.5) * width for i in range(len(pairs))]
+                _bars(axis, positions, [best[model][group] for model, group in pairs], width,
+                      f"{form} (layer {values['best_layer']})")
+                axis.scatter(positions, [_nan(values["chance"][group]) for _, group in pairs], marker="_", s=160,
+                             color="black", zorder=3, label="chance" if index == 0 else None)
+            axis.set_ylim(0, 1.05)
+            axis.set_ylabel("probe accuracy (the answer read from the hidden state)")
         elif panel == "mia":
             models = attacks["mia"]["models"]
             labels = list(models)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from mmedit.errors import MmeditError
 
-ATTACKS = ("relearn", "quantize", "mia", "leakage")
+ATTACKS = ("relearn", "quantize", "probe", "mia", "leakage")
 PARTS = ("vision", "projector", "llm")  # mmedit.arch's parts: where LoRA adapters may go
 
 
@@ -22,6 +22,8 @@ class Settings:
     train_batch_size: int = 16
     bits: tuple[int, ...] = (8, 4)
     group_size: int = 32  # inputs per quantisation group
+    probe_decay: float = 1e-3  # the probe's L2 weight decay (logistic regression on standardised features)
+    probe_steps: int = 50  # the probe's L-BFGS iterations
     min_k: float = 0.2  # Min-K%'s fraction of lowest-probability answer tokens
     min_gap: float = 0.05  # recovery is None where the edit moved a value by no more than this (5 points)
     retain_people: int = 5  # retain people scored for collateral damage (seeded sample)
@@ -39,11 +41,13 @@ class Settings:
         if not 0 < self.min_k <= 1:
             raise MmeditError(f"Min-K% fraction must be in (0, 1], got {self.min_k}")
         for name in ("steps", "rank", "train_batch_size", "group_size", "retain_people", "batch_size",
-                     "max_new_tokens"):
+                     "max_new_tokens", "probe_steps"):
             if getattr(self, name) < 1:
                 raise MmeditError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.min_gap < 1:
             raise MmeditError(f"the recovery's minimum gap must be in [0, 1), got {self.min_gap}")
+        if not self.probe_decay >= 0:
+            raise MmeditError(f"the probe's weight decay must be at least 0, got {self.probe_decay}")
         if not self.lr > 0:
             raise MmeditError(f"the learning rate must be positive, got {self.lr}")
 

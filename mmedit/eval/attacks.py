@@ -3,11 +3,14 @@ base model, and says how much each attack recovers (docs/robustness.md).
 
     settings = Settings(seed=0)
     check(("relearn", "mia"), sets, control, settings)       # bad input, before any model work
-    result = run(model, processor, sets, deltas, ("relearn", "quantize", "mia", "leakage"), settings, control)
+    result = run(model, processor, sets, deltas, ("relearn", "quantize", "probe", "mia", "leakage"), settings, control)
 
 - relearn: fine-tune on half of each forget person's facts (LoRA through PEFT, or every weight), score on
   the other half; and separately on retain rows only (benign relearning).
 - quantize: weight-only group-wise round-to-nearest int8 / int4 of every linear layer but the output head.
+- probe: a linear probe fitted on the base model's hidden states (every LLM layer, last prompt token) of
+  retain people outside the scored sample, predicting the answer; read on the forget people's hidden
+  states in the base and the edited model, with the held-out retain people as control (mmedit.eval.probe).
 - mia: loss and Min-K% membership scores per person; AUC between forget people and people the model
   never saw (`control`, given by the caller: no honest control can be made from the people it trained on).
 - leakage: per question, forgotten in one form (image + question, or the text question) but still
@@ -32,7 +35,7 @@ from mmedit.arch import model_map
 from mmedit.data.batches import FORMS, IGNORE, make_batches
 from mmedit.data.rows import Row
 from mmedit.errors import MmeditError
-from mmedit.eval import attack_metrics, metrics
+from mmedit.eval import attack_metrics, metrics, probe
 from mmedit.eval.attack_settings import Settings
 from mmedit.eval.harness import REPORT_FORMS, applied, evaluate, select_people, summarise
 from mmedit.progress import track
@@ -52,6 +55,8 @@ def check(attacks: Sequence[str], sets: dict[str, Sequence[Row]], control: Seque
             raise MmeditError("relearn's retain-only variant needs a retain set")
         if not settings.full:
             _peft()
+    if "probe" in attacks:
+        probe.check(sets["forget"], _probe_training(sets, settings))
     if "mia" in attacks:
         if not control:
             raise MmeditError("mia needs people the model never saw (--mia-control FILE): its members are the "
@@ -274,6 +279,35 @@ def quantize(model, bits: int, group_size: int) -> dict:
     return {"layers": len(done), "skipped": skipped, "relative_change": (change / norm) ** 0.5 if norm else 0.0}
 
 
+# ---- probe -------------------------------------------------------------------------------------------
+
+def _probe_training(sets, settings: Settings) -> list[Row]:
+    """The retain rows the probe is fitted on: every retain person but the scored (control) sample."""
+    retain = sets.get("retain", [])
+    return probe.training_rows(retain, select_people(retain, settings.retain_people, settings.seed))
+
+
+def _probe(context: _Context, sets, control) -> dict:
+    settings = context.settings
+    groups = {"train": _probe_training(sets, settings), "forget": context.scored["forget"],
+              "retain": context.scored["retain"]}
+    states = {}
+    for name in ("base", "edited"):
+        wanted = {group: rows for group, rows in groups.items() if name == "base" or group != "train"}
+        with context.deltas.applied(context.model, name == "edited"):
+            states[name] = probe.collect(context.model, context.processor, wanted, settings.batch_size,
+                                         context.progress, f"probe: {name} model hidden states")
+    return {"method": f"multinomial logistic regression per layer on standardised hidden states (last prompt "
+                      f"token), L2 {settings.probe_decay}, {settings.probe_steps} L-BFGS iterations; fitted on the "
+                      "base model only", "label": "the normalised correct answer (the chosen option for multiple "
+                      "choice)", "chance": "the most frequent training label per image-form question",
+            "layer_choice": "best_layer: the highest base accuracy on the held-out retain people (the control), "
+                            "not on the forget people; attacker_best_layer: the highest edited forget accuracy",
+            "people": {group: sorted({row.entity for row in rows}) for group, rows in groups.items()},
+            "forms": probe.score(states, groups, settings.probe_decay, settings.probe_steps, settings.min_gap,
+                                 context.progress)}
+
+
 # ---- mia ---------------------------------------------------------------------------------------------
 
 def _mia(context: _Context, sets, control) -> dict:
@@ -361,7 +395,7 @@ def _leakage(context: _Context, sets, control) -> dict:
             "directions": attack_metrics.leakage(forget, edited, tuple(metrics.FORMS))}
 
 
-_RUNNERS = {"relearn": _relearn, "quantize": _quantize, "mia": _mia, "leakage": _leakage}
+_RUNNERS = {"relearn": _relearn, "quantize": _quantize, "probe": _probe, "mia": _mia, "leakage": _leakage}
 
 
 # ---- data --------------------------------------------------------------------------------------------
