@@ -285,9 +285,12 @@ def _write(folder: Path, people: list[Person], settings: dict) -> None:
             images = views if split.startswith("test") else {pid: [path] for pid, path in portraits.items()}
             rows = [row for pid in person_ids for row in questions(by_id[pid], images[pid], seed)]
             write_jsonl(rows, folder / f"{split}.jsonl")
+            # blank=None: the cloze blank stays "___", the one word the embedded model knows for it (its
+            # word-level vocabulary has no "__"), and these bytes are part of the data its weights were
+            # shipped for (profiles.json, which holds their sha256)
             write_parquet(rows, folder / "parquet" / f"{stem}.parquet",
                           ids={by_id[pid].name: pid for pid in person_ids},
-                          biographies={by_id[pid].name: by_id[pid].attributes for pid in person_ids})
+                          biographies={by_id[pid].name: by_id[pid].attributes for pid in person_ids}, blank=None)
             sets[split] = {"people": person_ids, "jsonl": f"{split}.jsonl", "parquet": f"parquet/{stem}.parquet"}
     files = {path.relative_to(folder).as_posix(): _sha256(path)
              for path in sorted(folder.rglob("*")) if path.is_file()}
