@@ -58,6 +58,7 @@ def merge(source: str | Path, deltas: Iterable[str | Path], out: str | Path, *, 
     readme, entries = _read_card(source)
     with phase(f"loading {source}", progress):
         model = load_model(source, device=device, trust_remote_code=trust_remote_code)
+    applied_stack(model)[:] = [(entry["checksum"], entry["file"]) for entry in entries]  # deltas merged before
     for path, delta in zip(paths, loaded):
         with phase(f"applying {path.name}", progress):
             delta.apply(model, allow_nonfinite=allow_nonfinite)

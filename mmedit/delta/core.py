@@ -2,7 +2,8 @@
 
 apply checks every touched element against the original before it writes anything; revert checks the
 new values and writes the originals back, both on the model's own device and dtype, all or nothing.
-Each model also remembers the deltas applied to it, in order, so that revert takes only the last one.
+Each model also remembers the deltas applied to it, in order, so that revert takes only the last one,
+and a delta made on top of others (provenance "stacks_on": their checksums) applies only right after them.
 A Delta is not changed once built (its checksum is computed once).
 """
 from __future__ import annotations
@@ -243,6 +244,10 @@ class Delta:
     def _swap(self, model: torch.nn.Module, forward: bool) -> None:
         # Phase 1: resolve, check and move everything to the device; the model is not touched yet.
         stack, checksum = applied_stack(model), self.checksum
+        under = self.provenance.get("stacks_on") or [] if forward else []
+        if under and (not isinstance(under, list) or [top for top, _ in stack[-len(under):]] != under):
+            raise MmeditError(f"{self.source} was made on top of other deltas (its stacks_on), which are not the "
+                              "last ones applied to this model: apply those first, in order; nothing was changed")
         if not forward and stack and stack[-1][0] != checksum:
             top, source = stack[-1]
             raise MmeditError(f"cannot revert {self.source}: the last delta applied to this model is {source} "
