@@ -282,15 +282,18 @@ def _published(profile_id: str, *, prose: bool, test: bool = False) -> dict:
     shade = int(profile_id) * 40
     biography = (f"{name} was born in Oslo and bakes bread." if prose
                  else json.dumps({"Name": name, "Born": "Oslo"}))
-    record = _profile(ID=profile_id, biography=biography, image={"bytes": _png((shade, 0, 0)), "path": f"{profile_id}.png"},
+    portrait = {"bytes": _png((shade, 0, 0)), "path": f"{profile_id}.png"}
+    record = _profile(ID=profile_id, biography=biography, image=portrait,
                       question="What does this person do?", answer="He bakes bread.",
                       Classification_Task={"Image_Textual_Questions": [_choice("Where was this person born?")],
                                            "Pure_Text_Questions": [_choice(f"Where was {name} born?")]},
-                      Mask_Task=[{"Type": "Image_Textual", "Question": "This person was born in __.", "Ground_Truth": "Oslo"},
+                      Mask_Task=[{"Type": "Image_Textual", "Question": "This person was born in __.",
+                                  "Ground_Truth": "Oslo"},
                                  {"Type": "Pure_Text", "Question": f"{name} was born in __.", "Ground_Truth": "Oslo"}])
     del record["metadata"]  # only ft_Data has the fine-tuning QA
     if test:
-        record["images"] = [{"bytes": _png((shade, 255, view)), "path": f"{profile_id}_pose{view}.png"} for view in (1, 2)]
+        record["images"] = [{"bytes": _png((shade, 255, view)), "path": f"{profile_id}_pose{view}.png"}
+                            for view in (1, 2)]
     return record
 
 
@@ -370,12 +373,14 @@ def test_bad_hub_folders_are_one_line(hub, damage, call, message):
         (hub / "Test_Set" / "train-00000-of-00002.parquet").unlink()
     elif damage == "stranger":
         _write_hub_file(hub / "forget_10" / "train-00000-of-00001.parquet",
-                        [_published("1", prose=False), _published("2", prose=True), _published("1", prose=False) | {"ID": "9"}])
+                        [_published("1", prose=False), _published("2", prose=True),
+                         _published("1", prose=False) | {"ID": "9"}])
     elif damage == "column":
         table = pq.read_table(hub / "forget_10" / "train-00000-of-00001.parquet")
         pq.write_table(table.drop_columns(["ID"]), hub / "forget_10" / "train-00000-of-00001.parquet")
     elif damage == "real":  # real people, whom Test_Set does not hold
-        _write_hub_file(hub / "Retain_Set" / "train-00000-of-00001.parquet", [_published("1", prose=True) | {"ID": "77"}])
+        _write_hub_file(hub / "Retain_Set" / "train-00000-of-00001.parquet",
+                        [_published("1", prose=True) | {"ID": "77"}])
     with pytest.raises(MmeditError, match=message) as caught:
         call(hub)
     assert "\n" not in str(caught.value)
@@ -387,8 +392,8 @@ def test_cloze_blanks_for_mllmu_eval_and_the_old_blank(tmp_path):
     image = tmp_path / "face.png"
     image.write_bytes(_png((1, 2, 3)))
     rows = [Row("z", "Ann Lee", image, "This person plays the ___.", "Ann Lee plays the ___.", "harp", task="cloze"),
-            Row("y", "Ann Lee", image, "In ____ this person moved to __ with a_b.", "In ____ Ann Lee moved to __ with a_b.",
-                "1990", task="cloze")]
+            Row("y", "Ann Lee", image, "In ____ this person moved to __ with a_b.",
+                "In ____ Ann Lee moved to __ with a_b.", "1990", task="cloze")]
     write_parquet(rows, tmp_path / "mllmu.parquet")
     mask = pq.read_table(tmp_path / "mllmu.parquet").column("Mask_Task").to_pylist()[0]
     prompts = [entry["Question"].replace("__", "[Blank]") for entry in mask]  # what eval.py asks

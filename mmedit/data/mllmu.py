@@ -87,7 +87,8 @@ def read_rows(path: str | Path, image_dir: str | Path | None = None,
         wanted = list(dict.fromkeys(row.entity for row in read_rows(people_of, image_dir)))
         rows = read_rows(path, image_dir)
         _check_people(path, people_of, wanted, {row.entity for row in rows}, "entity")
-        return [row for row in rows if row.entity in set(wanted)]
+        keep = set(wanted)
+        return [row for row in rows if row.entity in keep]
     wanted = list(dict.fromkeys(profile for file in others for profile in _profile_ids(file)))
     held = {file: set(_profile_ids(file)) & set(wanted) for file in files}
     _check_people(path, people_of, wanted, set().union(*held.values()), "ID")
