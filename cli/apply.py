@@ -111,6 +111,10 @@ def apply_command(
         "retain; mip_editor: paths, a file from `mmedit paths find`); the plugin skips "
         "that work."))] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice: same seed, same delta.")] = 0,
+    log_dir: Annotated[Path | None, typer.Option(help=(
+        "Write TensorBoard event files of the training steps here (loss and its forget/retain terms, lr, "
+        "gradient norm per step; `tensorboard --logdir DIR` shows them). Needs tensorboard: "
+        "pip install 'mmedit[tensorboard]'."))] = None,
     image_dir: ImageDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -129,6 +133,10 @@ def apply_command(
     options = get(plugin).configure(overrides)  # bad options fail before anything loads
     get(plugin).check_stats_keys(_stats_paths(stats or []))
     check_writable(out_path, force)  # an existing or unwritable output fails before the plugin runs
+    if log_dir is not None:
+        from mmedit.plugins.training import check_log_dir
+
+        check_log_dir(log_dir)
     forget_rows, files = _data(forget, "forget", image_dir)
     retain_rows, retain_file = _data(retain, "retain", image_dir)
     text_rows, text_file = _data(text_retain, "text_retain", image_dir)
@@ -138,7 +146,7 @@ def apply_command(
                  trust_remote_code=trust_remote_code)
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
     delta = apply_plugin(plugin, loaded, processor, forget_rows, retain_rows, overrides, seed=seed,
-                         stats=traced, text_retain_rows=text_rows if text_retain else None,
+                         stats=traced, text_retain_rows=text_rows if text_retain else None, log_dir=log_dir,
                          provenance={"files": files | retain_file | text_file | stats_files, "model_arg": model})
     if not delta.changes:
         raise MmeditError(f"{plugin} changed nothing (all updates were zero); no delta written")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,7 @@ from mmedit.modelstate import preserved
 from mmedit.plugins.base import Job, rows_sha256
 from mmedit.plugins.originals import Originals
 from mmedit.plugins.registry import get, package_of
+from mmedit.plugins.training import logging_to
 
 
 def apply_plugin(
@@ -36,13 +38,15 @@ def apply_plugin(
     text_retain_rows: Sequence | None = None,
     provenance: Mapping | None = None,
     memo: dict | None = None,
+    log_dir: str | Path | None = None,
 ):
     """Run plugin `name` and return its Delta (provenance: plugin, config, seed, data hashes, base model,
     library versions). `model` is unchanged afterwards. `stats`: precomputed mmedit.trace.TraceStats by the
     keys the plugin documents. `text_retain_rows`: rows whose text form the plugin preserves (default: the
     forget and retain rows). `provenance`: extra header entries (the CLI adds file paths and hashes).
     `memo`: a dict shared by several calls on the same base model and data, so that statistics one edit
-    computed (traces, Fisher, paths) are reused by the next whose options they depend on are the same."""
+    computed (traces, Fisher, paths) are reused by the next whose options they depend on are the same.
+    `log_dir`: a TensorBoard run folder for the training steps (training.logging_to)."""
     from mmedit.arch import PARTS, model_map
     from mmedit.delta import Delta
 
@@ -74,7 +78,9 @@ def apply_plugin(
         if not plugin.keeps_originals:
             for n in declared:
                 original.keep(n)
-        with preserved(model), torch.random.fork_rng(devices=_cuda_devices(model)):
+        header = {"plugin": name, "version": plugin.version, "config": dataclasses.asdict(config), "seed": seed,
+                  "data": data, **(provenance or {})}
+        with preserved(model), torch.random.fork_rng(devices=_cuda_devices(model)), logging_to(log_dir, header):
             torch.manual_seed(seed)
             report = plugin.edit(job, config)
         moved = [n for n, mark in _watch(model, declared).items() if watched[n] != mark]
