@@ -25,9 +25,13 @@ def importance(stats: TraceStats, site: str, form: str) -> torch.Tensor | None:
     positions. None where the site has no statistics for `form`."""
     if f"{site}/{form}/all/n" not in stats.tensors:
         return None
-    if stats.has_gradients(site) and f"{site}/{form}/all/grad_sum_z" in stats.tensors:
+    if uses_gradients(stats, site, form):
         return stats.grad_mean_z(site, form, "all").abs().float()
     return stats.mean_abs(site, form, "all").float()
+
+
+def uses_gradients(stats: TraceStats, site: str, form: str) -> bool:
+    return f"{site}/{form}/all/grad_sum_z" in stats.tensors
 
 
 def neuron_slices(stats: TraceStats) -> dict[str, dict[str, int]]:
@@ -83,6 +87,7 @@ class Layer:
     layer: str  # "0", "1", ... or NO_LAYER
     site: dict | None = None  # the traced site, if any
     importance: torch.Tensor | None = None
+    gradients: bool = False  # importance is |mean(g*z)| (else mean |z|: no gradients traced or reached it)
     elements: dict[int, int] = field(default_factory=dict)  # delta index -> touched elements in this layer
     tensors: dict[int, int] = field(default_factory=dict)  # delta index -> touched tensors
     neurons: dict[int, torch.Tensor] = field(default_factory=dict)  # delta index -> touched elements per neuron
@@ -99,7 +104,8 @@ def build(stats: TraceStats | None, deltas: list[Delta], form: str = "multimodal
     slices = neuron_slices(stats) if stats is not None else {}
     for site in stats.sites if stats is not None else []:
         rows[(site["part"], str(site["layer"]))] = Layer(site["part"], str(site["layer"]), site,
-                                                         importance(stats, site["name"], form))
+                                                         importance(stats, site["name"], form),
+                                                         uses_gradients(stats, site["name"], form))
     for index, delta in enumerate(deltas):
         unplaced = 0
         for name, change in delta.changes.items():

@@ -72,7 +72,7 @@ def atlas_section(trace: Input | None, deltas: list[Input], form: str) -> tuple[
     stats = trace.content if trace else None
     intro = []
     if stats is not None:
-        score = "|mean(g·z)| (gradients traced)" if any(stats.has_gradients(s["name"]) for s in stats.sites) \
+        score = "|mean(g·z)| (gradients traced)" if any(row.gradients for row in rows) \
             else "mean |z| (no gradients traced)"
         intro.append(f"<p>Importance per neuron: {escape(score)} over all positions of the {escape(form)} inputs, "
                      "scaled to each layer's most important neuron (bright = important).")
@@ -90,7 +90,7 @@ def atlas_section(trace: Input | None, deltas: list[Input], form: str) -> tuple[
         if row.part != part:
             part = row.part
             html.append(f'<h3 id="part-{escape(part)}">{escape(part)}</h3>')
-        html.append(_layer_block(row, labels, [d.path.stem for d in deltas]))
+        html.append(_layer_block(row, labels, [d.path.stem for d in deltas], any(r.gradients for r in rows)))
     return "".join(html), notes
 
 
@@ -111,13 +111,17 @@ def _parts_table(deltas: list[Input], labels: list[str]) -> str:
                                                                  rows, left=2, attrs=' class="parts"')
 
 
-def _layer_block(row: atlas.Layer, labels: list[str], short: list[str]) -> str:
+def _layer_block(row: atlas.Layer, labels: list[str], short: list[str], gradients: bool) -> str:
+    """One layer: its importance strip with a row per delta, and a table of what each delta touches;
+    `gradients`: whether the trace has gradients anywhere (then a site without them is said)."""
     key = f"{row.part}.{row.layer}"
     width = row.site["width"] if row.site else None
     where = f"layer {row.layer}" if row.layer != atlas.NO_LAYER else "outside its layers (embeddings, norms, heads)"
     head = (f'<div class="layer" data-layer="{escape(key)}"><h4>{escape(row.part)} {escape(where)}'
             + (f' <span class="muted">— {width} neurons at <code>{escape(row.site["module"])}</code></span>'
-               if row.site else ' <span class="muted">— not traced</span>') + "</h4>")
+               if row.site else ' <span class="muted">— not traced</span>')
+            + (' <span class="muted">(importance: mean |z|, no gradients reached it)</span>'
+               if row.site and gradients and not row.gradients else "") + "</h4>")
     touched = [(short[i], svg.PALETTE[i % len(svg.PALETTE)], counts) for i, counts in sorted(row.neurons.items())]
     strip = svg.neuron_strip(row.importance, width, touched) if row.site and (
         row.importance is not None or touched) else ""
