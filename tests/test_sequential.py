@@ -77,6 +77,29 @@ def test_views_after_request_k_are_the_groups_so_far_the_current_one_and_the_lat
     assert set(views(records, groups, 3, union=True)) == {"forget_done", "retain"}  # the union has no current group
 
 
+def test_a_delta_with_stacks_on_applies_only_right_after_those_deltas():
+    """The delta layer's side, on a bare Linear: the values of the two edits do not overlap, so only the
+    stacks_on record tells that the second belongs on top of the first."""
+    layer = torch.nn.Linear(3, 2)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    first = Delta.from_changes({"weight": (weight, weight + 1)})
+    second = Delta.from_changes({"bias": (bias, bias - 1)}, provenance={"stacks_on": [first.checksum]})
+    other = Delta.from_changes({"bias": (bias, bias * 2)})
+    with pytest.raises(MmeditError, match="made on top of other deltas"):
+        second.apply(layer)  # the base: request 1 is missing
+    with other.applied(layer), pytest.raises(MmeditError, match="made on top of other deltas"):
+        Delta(second.changes, {"stacks_on": [first.checksum]}).apply(layer)  # another delta on top
+    for malformed in ("sha256:x", 5, {"a": 1}):
+        with first.applied(layer), pytest.raises(MmeditError, match="made on top of other deltas"):
+            Delta(second.changes, {"stacks_on": malformed}).apply(layer)
+    assert torch.equal(layer.weight, weight) and torch.equal(layer.bias, bias)  # refusals changed nothing
+    with first.applied(layer), second.applied(layer):
+        assert torch.equal(layer.bias, bias - 1)
+        with pytest.raises(MmeditError, match="must be reverted first"):
+            first.revert(layer)
+    assert torch.equal(layer.weight, weight) and torch.equal(layer.bias, bias)
+
+
 # ---- a real run ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
