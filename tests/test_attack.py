@@ -179,6 +179,8 @@ def test_probe_labels_prompts_and_chance():
               _row("F", "Pet?", "dog"), _row("F", "Age?", "dog")]
     assert probe.chance(train, scored) == pytest.approx(3 / 5)  # pilot, dog, and dog for the unseen question
     assert probe.chance(train, []) is None
+    # what a probe can learn: labels two or more training people share (baker and cat: one person each)
+    assert probe.attribute_labels(train + [_row("C", "Job?", "Baker!")]) == {"pilot", "dog"}
 
 
 def test_probe_fit_separates_what_is_linearly_separable_and_generalises():

@@ -100,16 +100,18 @@ def probe_table(result: dict) -> Table | None:
     grid = Table(title="hidden-state probe: accuracy of a linear probe fitted on the base model", caption=(
         "accuracy in % of a per-layer probe predicting the answer from the last prompt token's hidden state, fitted "
         "on the base model's states of other retain people; forget / retain: the forget people and the held-out "
-        "retain people in each model; chance: the most frequent training answer per question; * = the layer chosen "
-        "by the base model's retain accuracy; kept = (edited - chance) / (base - chance) there: 1 = the edit hid "
+        "retain people in each model; layer 0 = the embeddings; chance (forget / retain people): the most frequent "
+        "training answer per question; * = the layer chosen by the base model's retain accuracy; kept = (edited - chance) / (base - chance) there: 1 = the edit hid "
         "the answers but they are still readable, 0 = no better than chance"))
-    for column in ("form", "layer", "chance", "base forget", "edited forget", "base retain", "edited retain", "kept"):
+    for column in ("form", "layer", "chance f / r", "base forget", "edited forget", "base retain", "edited retain",
+                   "kept"):
         grid.add_column(column, justify="left" if column in ("form", "layer") else "right")
     for form, values in found["forms"].items():
+        chance = " / ".join(_percent(values["chance"][group]) for group in ("forget", "retain"))
         for entry in values["layers"]:
             best = entry["layer"] == values["best_layer"]
-            grid.add_row(SHORT_FORMS.get(form, form), entry["name"] + (" *" if best else ""),
-                         _percent(values["chance"]["forget"]), _percent(entry["base"]["forget"]),
+            grid.add_row(SHORT_FORMS.get(form, form), f"{entry['layer']}{' emb' if entry['layer'] == 0 else ''}"
+                         f"{' *' if best else ''}", chance, _percent(entry["base"]["forget"]),
                          _percent(entry["edited"]["forget"]), _percent(entry["base"]["retain"]),
                          _percent(entry["edited"]["retain"]), _ratio(values["kept"]["forget"]) if best else "")
         grid.add_section()
@@ -171,7 +173,8 @@ def plot(result: dict, path: str | Path, metric: str = HEADLINE, force: bool = F
                       f"{form} (layer {values['best_layer']})")
                 axis.scatter(positions, [_nan(values["chance"][group]) for _, group in pairs], marker="_", s=160,
                              color="black", zorder=3, label="chance" if index == 0 else None)
-            axis.set_ylim(0, 1.05)
+            axis.set_ylim(0, 1.3)  # room for the legend above the bars
+            axis.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
             axis.set_ylabel("probe accuracy (the answer read from the hidden state)")
         elif panel == "mia":
             models = attacks["mia"]["models"]
@@ -188,12 +191,12 @@ def plot(result: dict, path: str | Path, metric: str = HEADLINE, force: bool = F
             labels = [direction.replace("->", " -> ") for direction in directions]
             _bars(axis, range(len(labels)), [values["rate"] for values in directions.values()], 0.6)
             axis.set_ylim(0, 1.05)
-            axis.set_ylabel(f"{metric}: leaked / forgotten (forgotten in one form, known in the other)")
+            axis.set_ylabel(f"{metric}: leaked / forgotten")
         axis.set_xticks(range(len(labels)))
         axis.set_xticklabels([SHORT_FORMS.get(label, label) for label in labels], rotation=20, ha="right", fontsize=8)
         axis.set_title(panel)
         axis.grid(alpha=0.3, axis="y")
         if panel != "leakage":
-            axis.legend(fontsize=8)
+            axis.legend(fontsize=8, **({"loc": "upper center", "ncol": 3} if panel == "probe" else {}))
     figure.tight_layout()
     return save_figure(figure, path, force=force, dpi=110)

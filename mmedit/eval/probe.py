@@ -11,7 +11,8 @@ people's attributes from the edited model, the edit hid them from the output rat
     result = score(states, groups, weight_decay=1e-3, steps=50)   # per form: layers, chance, best layer, kept
 
 - a label is the normalised correct answer (the chosen option of a multiple-choice row, else the answer);
-  a row whose label no training row has cannot be predicted by any probe and is left out, and counted;
+  the probe learns the labels two or more training people share (attribute values); a scored row whose
+  label is not among them cannot be predicted by any probe and is left out, and counted;
 - one prompt per (person, question wording, label, image): the multiple-choice and short-answer rows ask
   the same words, which would count one hidden state twice;
 - chance = predicting, for each scored row, the most frequent training label among the training rows
@@ -63,15 +64,25 @@ def training_rows(retain: Sequence[Row], control: Sequence[Row]) -> list[Row]:
     return [row for row in retain if row.entity not in held]
 
 
+def attribute_labels(train: Sequence[Row]) -> set[str]:
+    """The labels at least two training people have: attributes people share. A label only one person has
+    is a fact about that person (MLLMU-Bench's free-text answers), which no other person's hidden state can
+    teach a probe; its rows are left out of training."""
+    holders: dict[str, set[str]] = defaultdict(set)
+    for row in train:
+        holders[label(row)].add(row.entity)
+    return {name for name, people in holders.items() if len(people) >= 2}
+
+
 def check(forget: Sequence[Row], train: Sequence[Row]) -> None:
     """Refuse, in one line, data a probe trained on other people cannot be scored on."""
     if not train:
         raise MmeditError("probe needs retain people besides the scored retain sample to train on (lower "
                           "--retain-people, or give a larger retain set)")
-    classes = {label(row) for row in train}
+    classes = attribute_labels(train)
     if len(classes) < 2:
-        raise MmeditError(f"probe: the training (retain) rows have {len(classes)} distinct answer; a probe needs "
-                          "at least two labels")
+        raise MmeditError(f"probe: {len(classes)} answer(s) of the training (retain) rows are shared by two or more "
+                          "people; a probe needs at least two such labels (categorical attributes)")
     if not any(label(row) in classes for row in forget):
         raise MmeditError("probe: no forget row's answer is an answer of any training (retain) person, so a probe "
                           "trained on other people has no label to read; it needs categorical attributes people "
@@ -160,36 +171,38 @@ def score(states: dict[str, dict], groups: dict[str, Sequence[Row]], weight_deca
     base accuracy (not by the scored forget people). "kept" = (edited - chance) / (base - chance) at that
     layer: 1 = the probe reads the forget people as well as before, 0 = no better than chance."""
     rows = {group: prompts(found) for group, found in groups.items()}
-    out = {}
-    jobs = [(form, layer) for form, by_group in states["base"].items() for layer in range(by_group["train"].shape[0])]
-    fitted: dict = defaultdict(list)
-    for form, layer in track(jobs, "probe: fitting", enabled=progress):
+    out, data = {}, {}
+    for form in states["base"]:
         usable = {group: [row for row in rows[group] if form == REPORT_FORMS["text"] or row.image is not None]
-                for group in GROUPS}
-        classes = sorted({label(row) for row in usable["train"]})
-        index = {name: i for i, name in enumerate(classes)}
-        targets = torch.tensor([index[label(row)] for row in usable["train"]])
-        probe = fit(states["base"][form]["train"][layer], targets, len(classes), weight_decay, steps)
+                  for group in GROUPS}
+        index = {name: i for i, name in enumerate(sorted(attribute_labels(usable["train"])))}
+        known = {group: torch.tensor([label(row) in index for row in usable[group]], dtype=torch.bool)
+                 for group in GROUPS}
+        seen = {group: [row for row in usable[group] if label(row) in index] for group in GROUPS}
+        data[form] = {"known": known, "truth": {group: torch.tensor([index[label(row)] for row in seen[group]],
+                                                                    dtype=torch.long) for group in GROUPS},
+                      "classes": len(index)}
+        out[form] = {"rows": {group: len(usable[group]) for group in GROUPS}, "classes": len(index),
+                     "train_rows_fitted": len(seen["train"]),
+                     "unseen_label_rows": {group: len(usable[group]) - len(seen[group]) for group in SCORED},
+                     "chance": {group: chance(seen["train"], seen[group]) for group in SCORED}, "layers": []}
+    jobs = [(form, layer) for form, by_group in states["base"].items() for layer in range(by_group["train"].shape[0])]
+    for form, layer in track(jobs, "probe: fitting", enabled=progress):
+        known, truth = data[form]["known"], data[form]["truth"]
+        features = states["base"][form]["train"][layer][known["train"]]
+        probe = fit(features, truth["train"], data[form]["classes"], weight_decay, steps)
         entry = {"layer": layer, "name": "embeddings" if layer == 0 else f"layer {layer}",
-                 "train": _accuracy(probe.predict(states["base"][form]["train"][layer]), targets)}
+                 "train": _accuracy(probe.predict(features), truth["train"])}
         for model in ("base", "edited"):
-            entry[model] = {}
-            for group in SCORED:
-                known = torch.tensor([label(row) in index for row in usable[group]], dtype=torch.bool)
-                truth = torch.tensor([index.get(label(row), -1) for row in usable[group]])[known]
-                predicted = probe.predict(states[model][form][group][layer][known]) if known.any() else truth
-                entry[model][group] = _accuracy(predicted, truth)
-        fitted[form].append(entry)
-        if layer == 0:
-            seen = {group: [row for row in usable[group] if label(row) in index] for group in SCORED}
-            out[form] = {"rows": {group: len(usable[group]) for group in GROUPS}, "classes": len(classes),
-                         "unseen_label_rows": {group: len(usable[group]) - len(seen[group]) for group in SCORED},
-                         "chance": {group: chance(usable["train"], seen[group]) for group in SCORED}}
-    for form, layers in fitted.items():
+            entry[model] = {group: _accuracy(probe.predict(states[model][form][group][layer][known[group]]),
+                                             truth[group]) for group in SCORED}
+        out[form]["layers"].append(entry)
+    for values in out.values():
+        layers = values["layers"]
         best = max(layers, key=lambda entry: (_value(entry["base"]["retain"]), -entry["layer"]))
         strongest = max(layers, key=lambda entry: (_value(entry["edited"]["forget"]), -entry["layer"]))
-        out[form].update(layers=layers, best_layer=best["layer"], attacker_best_layer=strongest["layer"], kept={
-            group: attack_metrics.kept(best["base"][group], best["edited"][group], out[form]["chance"][group], min_gap)
+        values.update(best_layer=best["layer"], attacker_best_layer=strongest["layer"], kept={
+            group: attack_metrics.kept(best["base"][group], best["edited"][group], values["chance"][group], min_gap)
             for group in SCORED})
     return out
 
