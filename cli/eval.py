@@ -39,7 +39,7 @@ def eval_command(
     plot: Annotated[Path | None, typer.Option(help="Also write a PNG: forget vs retain accuracy per form.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward / generate call.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest generated answer, in tokens.")] = 16,
-    letters: Annotated[bool, typer.Option("--letters/--no-letters", help="Also ask multiple choice as a lettered prompt (MLLMU-Bench style).")] = True,
+    letters: Annotated[bool, typer.Option("--letters/--no-letters", help="Also ask multiple choice as a lettered prompt (LLaVA-1.5's instruction).")] = True,
     allow_nonfinite: AllowNonfinite = False,
     image_dir: ImageDir = None,
     device: Device = "auto",
@@ -66,7 +66,10 @@ def eval_command(
     for path in filter(None, (out_path, plot)):  # refused before the evaluation, not after
         check_writable(path, force)
     files = find_sets(data, forget)
-    sets = {split: select_people(read_rows(path, image_dir), limit_people, seed) for split, path in files.items()}
+    # the test set is the forget people's other pictures: only theirs are kept (MLLMU-Bench's Test_Set
+    # holds every person's, and its eval.py keeps the forget IDs)
+    sets = {split: select_people(read_rows(path, image_dir, people_of=files["forget"] if split == "test" else None),
+                                 limit_people, seed) for split, path in files.items()}
     loaded_deltas = [Delta.load(path) for path in deltas or []]  # a bad delta fails before the model loads
     quiet_transformers()
     check_memory("eval", model, ignore=ignore_plan, device=device, dtype=dtype, batch_size=batch_size,

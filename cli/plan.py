@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mmedit.cli.common import Dtype, TrustRemoteCode, out, user_errors
+from mmedit.cli.common import Dtype, ImageDir, TrustRemoteCode, out, user_errors
 from mmedit.errors import MmeditError
 
 TARGETS = ("trace", "eval", "merge")
@@ -30,6 +30,7 @@ def plan_command(
                                                     "its free memory when the device is here).")] = None,
     settings: Annotated[list[str] | None, typer.Option("--set", help="Plugin option key=value (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    image_dir: ImageDir = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Predict the peak memory of a run per device, with a breakdown (weights, gradients, optimizer state,
@@ -58,7 +59,7 @@ def plan_command(
     if forget is not None or retain is not None:
         from mmedit.data import read_rows
 
-        sets = {name: read_rows(path) for name, path in (("forget", forget), ("retain", retain)) if path is not None}
+        sets = {name: read_rows(path, image_dir) for name, path in (("forget", forget), ("retain", retain)) if path is not None}
     result = planning.plan_for(target, model, dtype=dtype, device=device, footprint=footprint, options=options,
                                sets=sets, batch_size=batch_size, grads=grads, tokens=tokens, rows=rows, memory=budget,
                                trust_remote_code=trust_remote_code)

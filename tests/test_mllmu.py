@@ -413,3 +413,20 @@ def test_cli_reads_a_published_set(hub, tmp_path):
     assert "3-choice-0" in result.output and (tmp_path / "cache").is_dir()
     result = CliRunner().invoke(app, ["data", "show", str(hub)])
     assert result.exit_code == 1 and "not a set" in result.output and "Traceback" not in result.output
+
+
+def test_eval_reads_the_published_folder_as_downloaded(hub, tmp_path):
+    """`mmedit eval MODEL --data MLLMU-Bench --forget 10`: forget_10, retain_90, and Test_Set kept to the
+    forget set's people (the two others' pictures are not scored)."""
+    from mmedit import zoo
+    from mmedit.eval.harness import find_sets
+
+    assert find_sets(hub, 10) == {"forget": hub / "forget_10", "test": hub / "Test_Set", "retain": hub / "retain_90"}
+    model = zoo.tiny("llava", root=tmp_path / "zoo")
+    result = CliRunner().invoke(app, ["eval", str(model), "--data", str(hub), "--forget", "10", "--device", "cpu",
+                                      "--no-letters", "--image-dir", str(tmp_path / "images"),
+                                      "--out", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    sets = json.loads((tmp_path / "eval.json").read_text())["data"]["sets"]
+    assert sets["test"]["people"] == sets["forget"]["people"] == 2 and sets["retain"]["people"] == 2
+    assert sets["test"]["rows"] == len(read_rows(hub / "Test_Set", tmp_path / "x", people_of=hub / "forget_10"))

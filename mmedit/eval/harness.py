@@ -12,7 +12,7 @@ Which rows feed which metric (every row in both forms; Image_Textual only for ro
 |                              |                     | the most likely option is the model's choice                 |
 | has options                  | `answer_prob`       | the correct option's per-token probability (geometric mean   |
 |                              |                     | over its tokens): moves before any choice flips               |
-| has options                  | `choice_letter_acc` | the question with lettered options (MLLMU-Bench's prompt);   |
+| has options                  | `choice_letter_acc` | the question with lettered options (LLaVA-1.5's prompt);     |
 |                              |                     | the generated letter, read by metrics.parse_choice            |
 | task "qa" without options    | `rougeL`, `gen_acc` | greedy generation: ROUGE-L F1, and whether the answer occurs  |
 |                              |                     | in it (metrics.cloze_correct)                                 |
@@ -46,7 +46,8 @@ from mmedit.progress import track
 
 REPORT_FORMS = dict(zip(FORMS, metrics.FORMS))  # batches' form -> the report's (MLLMU-Bench's) name
 METRICS = ("choice_acc", "answer_prob", "choice_letter_acc", "rougeL", "gen_acc", "cloze_acc")
-# LLaVA's (and MLLMU-Bench's) instruction after a lettered list of options
+# LLaVA-1.5's multiple-choice instruction after a lettered list of options (MLLMU-Bench's own is "Just give
+# ONE letter representing the answer directly.")
 LETTER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
@@ -87,7 +88,9 @@ def find_sets(data: str | Path, forget: int = 10) -> dict[str, Path]:
 
     Understands the synthetic benchmark and mmedit JSONL (`forget10.jsonl`, `test10.jsonl`,
     `retain90.jsonl`) and MLLMU-Bench parquet names (`forget_10.parquet` or a `forget_10/` folder of
-    parquet files, also under `parquet/`). The test set is optional.
+    parquet files, also under `parquet/`), and MLLMU-Bench as published (its `Test_Set/` holds every
+    person's test pictures: read it with read_rows(..., people_of=the forget set), as `mmedit eval` does).
+    The test set is optional.
     """
     data = Path(data)
     if not data.is_dir():
@@ -98,6 +101,8 @@ def find_sets(data: str | Path, forget: int = 10) -> dict[str, Path]:
     for split, percent in (("forget", forget), ("test", forget), ("retain", 100 - forget)):
         candidates = [data / f"{split}{percent}.jsonl"] + [
             folder / f"{split}_{percent}{suffix}" for folder in (data, data / "parquet") for suffix in (".parquet", "")]
+        if split == "test":  # MLLMU-Bench as published: one Test_Set of every person, read for the forget IDs
+            candidates.append(data / "Test_Set")
         path = next((path for path in candidates if path.is_file() or (path.is_dir() and any(path.glob("*.parquet")))),
                     None)
         if path is not None:
