@@ -149,6 +149,30 @@ def test_atlas_neurons_are_the_touched_rows_and_columns(report):
     assert neurons_shown(page, 1) == {"llm.1": 2, "projector.0": 64, "vision.0": 2, "llm.0": 0}
 
 
+def test_rates_and_recoveries_are_the_reports(made, report):
+    page = Page(report.read_text(encoding="utf-8"))
+    comparison = json.loads((made / "eval.json").read_text())["comparison"]["edited"]
+    shown = {(a["data-split"], a["data-form"], a["data-metric"]): a["data-rate"] for a in page.with_attr("data-rate")}
+    expected = {(split, form, metric): values.get("retention", values.get("forgetting_rate"))
+                for split, forms in comparison.items() for form, by_metric in forms.items()
+                for metric, values in by_metric.items()}
+    assert shown.keys() == expected.keys() and len(shown) >= 20
+    assert all(shown[key] == ("" if value is None else str(value)) for key, value in expected.items())
+    assert any(split == "retain" for split, _, _ in shown) and any(split == "forget" for split, _, _ in shown)
+    quantize = json.loads((made / "attack.json").read_text())["attacks"]["quantize"]["variants"]
+    recovered = {(a["data-variant"], a["data-form"]): a["data-recovery"] for a in page.with_attr("data-recovery")}
+    assert recovered == {(variant, form): "" if value["choice_acc"] is None else str(value["choice_acc"])
+                         for variant, found in quantize.items() for form, value in found["recovery"].items()}
+
+
+def test_rank_percentile():
+    scores = torch.tensor([0.5, 3.0, 1.0, 2.0, 0.0])  # ranks 1, 4, 2, 3, 0 of 4
+    assert atlas.rank_percentile(scores, torch.tensor([1])) == 100.0
+    assert atlas.rank_percentile(scores, torch.tensor([4])) == 0.0
+    assert atlas.rank_percentile(scores, torch.tensor([1, 3, 2])) == 75.0
+    assert atlas.rank_percentile(scores, torch.tensor([], dtype=torch.int64)) is None
+
+
 def test_per_neuron_counts_of_each_change_kind():
     change = Delta.from_changes({"w": (torch.zeros(4, 6), torch.zeros(4, 6).index_fill(1, torch.tensor([1, 4]), 1.0))}
                                 ).changes["w"]

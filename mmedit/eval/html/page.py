@@ -207,7 +207,9 @@ def _method_card(found: Input, name: str, base: dict, edited: dict, comparison: 
                 values = comparison[split].get(form, {}).get(metric)
                 values = values if isinstance(values, dict) else {}
                 rate = values.get("retention" if is_retain(split) else "forgetting_rate")
-                cells += [_pct(values.get("base")), _pct(values.get("edited")), f"<b>{_pct(rate)}</b>"]
+                place = f'data-split="{escape(split)}" data-form="{escape(form)}" data-metric="{escape(metric)}"'
+                cells += [_pct(values.get("base")), _pct(values.get("edited")),
+                          f'<b {place} data-rate="{"" if rate is None else rate}">{_pct(rate)}</b>']
             rows.append(cells)
     header = ["form", "metric"] + [f"{split} {column}" for split in splits
                                    for column in ("base", "edited", "retention" if is_retain(split) else "forgot")]
@@ -249,7 +251,10 @@ def attack_section(reports: list[Input]) -> str:
                     groups.append((f"{variant} {SHORT_FORMS.get(form, form)}",
                                    [("base", _scaled(base)), ("edited", _scaled(edited)), ("attacked", _scaled(after))]))
                     rows.append([escape(attack), escape(variant), escape(SHORT_FORMS.get(form, form)), _pct(base),
-                                 _pct(edited), _pct(after), "–" if recovery is None else f"{recovery:.2f}"])
+                                 _pct(edited), _pct(after),
+                                 f'<span data-variant="{escape(variant)}" data-form="{escape(form)}" data-recovery='
+                                 f'"{"" if recovery is None else recovery}">'
+                                 + ("–" if recovery is None else f"{recovery:.2f}") + "</span>"])
         if groups:
             series = ["base", "edited", "attacked"]
             html.append('<div class="charts"><div>' + svg.bars(groups, series) + svg.legend(series) + "</div><div>"
