@@ -165,6 +165,26 @@ def test_rates_and_recoveries_are_the_reports(made, report):
                          for variant, found in quantize.items() for form, value in found["recovery"].items()}
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "mllama", "gemma3"])
+def test_atlas_finds_the_neurons_of_other_families(made, tmp_path_factory, family):
+    """Rows 0 and width-1 of every producer the model map names (Qwen2-VL's merger, Mllama's projector
+    that is its own site, Gemma 3's projection weight read along axis 1) are two neurons of every site."""
+    from mmedit.arch import model_map
+
+    model, processor = load(zoo.tiny(family, root=tmp_path_factory.getbasetemp() / "zoo"), device="cpu")
+    rows = read_rows(made / "bench" / "forget10.jsonl")[:2]
+    stats = trace(model, make_batches(rows, processor, form="multimodal", batch_size=2), progress=False)
+    weights, changes = dict(model.named_parameters()), {}
+    for site in model_map(model).sites:
+        for producer in site.producers:
+            old = weights[producer.param].detach().clone()
+            changes[producer.param] = (old, old.index_fill(producer.axis, torch.tensor([0, site.width - 1]), 7.0))
+    layers, notes = atlas.build(stats, [Delta.from_changes(changes, model=model)])
+    assert notes == []
+    assert {f"{row.part}.{row.layer}": int((row.neurons[0] > 0).sum()) for row in layers if 0 in row.neurons} == \
+        {name: 2 for name in stats.site_names}
+
+
 def test_rank_percentile():
     scores = torch.tensor([0.5, 3.0, 1.0, 2.0, 0.0])  # ranks 1, 4, 2, 3, 0 of 4
     assert atlas.rank_percentile(scores, torch.tensor([1])) == 100.0
