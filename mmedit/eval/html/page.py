@@ -160,36 +160,34 @@ def eval_section(reports: list[Input]) -> str:
     html = [f"<p>Metric on the axes: {HEADLINE} (multiple choice answered right, %). Forgetting rate = 1 − "
             "edited/base on forget and test people; retention = edited/base on retain people. Good unlearning "
             "sits top left in the scatter: forgotten, yet the retain set kept.</p>"]
-    points: dict[str, list[tuple[str, float, float]]] = {}
-    for found in reports:
-        for name, table in found.content["results"].items():
-            if name == BASE and points and found is not reports[0]:
-                continue  # one base point: the first report's
-            for form in metrics.FORMS:
-                x = table.get("forget", {}).get(form, {}).get(HEADLINE)
-                y = table.get("retain", {}).get(form, {}).get(HEADLINE)
-                if x is not None and y is not None:
-                    points.setdefault(form, []).append((method_label(found, name), 100 * x, 100 * y))
+    methods = [(found, name) for found in reports for name in found.content["results"] if name != BASE]
+    colours = [svg.PALETTE[i % len(svg.PALETTE)] for i in range(len(methods))]  # a card's colour is its point's
+    points: dict[str, list[tuple[str, float, float, str | None]]] = {}
+    for index, (found, name) in enumerate([(reports[0], BASE), *methods]):
+        table = found.content["results"][name]
+        for form in metrics.FORMS:
+            x = table.get("forget", {}).get(form, {}).get(HEADLINE)
+            y = table.get("retain", {}).get(form, {}).get(HEADLINE)
+            if x is not None and y is not None:
+                colour = None if index == 0 else colours[index - 1]
+                points.setdefault(form, []).append((method_label(found, name), 100 * x, 100 * y, colour))
     if points:
-        names = [name for name, _, _ in next(iter(points.values()))]
         html.append('<div class="charts">' + "".join(
             f'<div class="card"><b>{escape(form)}</b><br>' + svg.scatter(p, f"forget {HEADLINE} %",
                                                                           f"retain {HEADLINE} %") + "</div>"
             for form, p in points.items()) + "</div>")
         html.append('<div class="legend"><span><i style="background:#fff;border:2px solid #000;width:8px;height:8px">'
-                    '</i>' + escape(names[0]) + "</span>" + "".join(
-            f'<span><i style="background:{svg.PALETTE[i % len(svg.PALETTE)]}"></i>{escape(n)}</span>'
-            for i, n in enumerate(names[1:])) + "</div>")
-    for found in reports:
+                    '</i>' + escape(method_label(reports[0], BASE)) + "</span>" + "".join(
+                        f'<span><i style="background:{colours[i]}"></i>{escape(method_label(found, name))}</span>'
+                        for i, (found, name) in enumerate(methods)) + "</div>")
+    for index, (found, name) in enumerate(methods):
         results, comparison = found.content["results"], found.content.get("comparison") or {}
-        for name, table in results.items():
-            if name == BASE:
-                continue
-            html.append(_method_card(found, name, results[BASE], table, comparison.get(name) or {}))
+        html.append(_method_card(found, name, results[BASE], results[name], comparison.get(name) or {},
+                                 colours[index]))
     return "".join(html)
 
 
-def _method_card(found: Input, name: str, base: dict, edited: dict, comparison: dict) -> str:
+def _method_card(found: Input, name: str, base: dict, edited: dict, comparison: dict, colour: str) -> str:
     label = method_label(found, name)
     groups = []
     for split, forms in base.items():
@@ -197,7 +195,8 @@ def _method_card(found: Input, name: str, base: dict, edited: dict, comparison: 
             groups.append((f"{split} {SHORT_FORMS.get(form, form)}", [
                 ("base", _scaled(forms[form].get(HEADLINE))),
                 (label, _scaled(edited.get(split, {}).get(form, {}).get(HEADLINE)))]))
-    chart = svg.bars(groups, ["base", label]) + svg.legend(["base", label])
+    fills = [svg.BASE_COLOUR, colour]
+    chart = svg.bars(groups, ["base", label], fills=fills) + svg.legend(["base", label], fills)
     splits = list(comparison)
     rows = []
     for form in dict.fromkeys(f for forms in comparison.values() for f in forms):

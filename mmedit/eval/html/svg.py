@@ -70,12 +70,13 @@ def colours(series: list[str]) -> list[str]:
 
 
 def bars(groups: list[tuple[str, list[tuple[str, float | None]]]], series: list[str], *, top: float = 100.0,
-         unit: str = "%", height: int = 180) -> str:
+         unit: str = "%", height: int = 180, fills: list[str] | None = None) -> str:
     """Grouped vertical bars: groups [(label, [(series name, value or None)])], values in [0, top];
-    None is written "n/a" (undefined, not 0). A label's last word goes on a second line."""
+    None is written "n/a" (undefined, not 0). A label's last word goes on a second line. `fills`: one
+    colour per series (default: colours(series))."""
     n = max(1, len(series))
     bar, gap, left = 14, 26, 34
-    fills = colours(series)
+    fills = fills or colours(series)
     width = left + len(groups) * (n * bar + gap) + 10
     scale = (height - 40) / top
     out = [f'<svg class="bars" width="{width}" height="{height + 40}" role="img">']
@@ -101,15 +102,15 @@ def bars(groups: list[tuple[str, list[tuple[str, float | None]]]], series: list[
     return "".join(out)
 
 
-def legend(series: list[str]) -> str:
+def legend(series: list[str], fills: list[str] | None = None) -> str:
     return '<div class="legend">' + "".join(
         f'<span><i style="background:{colour}"></i>{escape(name)}</span>'
-        for name, colour in zip(series, colours(series))) + "</div>"
+        for name, colour in zip(series, fills or colours(series))) + "</div>"
 
 
-def scatter(points: list[tuple[str, float, float]], x_label: str, y_label: str, size: int = 260) -> str:
-    """Points (name, x %, y %) on [0, 100]^2; the first is the base model (a hollow black square, drawn
-    on top so that a method sitting on it stays visible), the others in palette order."""
+def scatter(points: list[tuple[str, float, float, str | None]], x_label: str, y_label: str, size: int = 260) -> str:
+    """Points (name, x %, y %, colour) on [0, 100]^2; colour None is the base model: a hollow black square,
+    drawn on top so that a method sitting on it stays visible."""
     pad = 36
     inner = size - 2 * pad
     out = [f'<svg class="scatter" width="{size}" height="{size}" role="img">',
@@ -121,12 +122,11 @@ def scatter(points: list[tuple[str, float, float]], x_label: str, y_label: str, 
     out.append(f'<text x="{pad + inner / 2}" y="{size - 4}" class="axis" text-anchor="middle">{escape(x_label)}</text>'
                f'<text transform="translate(10,{pad / 2 + inner / 2}) rotate(-90)" class="axis" '
                f'text-anchor="middle">{escape(y_label)}</text>')
-    for i, (name, x, y) in reversed(list(enumerate(points))):  # the base last: a hollow square on top
+    for name, x, y, colour in sorted(points, key=lambda point: point[3] is None):  # the base last: on top
         cx, cy = pad + min(100, max(0, x)) / 100 * inner, pad / 2 + inner - min(100, max(0, y)) / 100 * inner
         tip = f'<title>{escape(name)}: {x:.1f}, {y:.1f}</title>'
         out.append(f'<rect x="{cx - 6:.1f}" y="{cy - 6:.1f}" width="12" height="12" fill="none" stroke="#000" '
-                   f'stroke-width="2">{tip}</rect>' if i == 0 else
-                   f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" fill="{PALETTE[(i - 1) % len(PALETTE)]}" '
-                   f'fill-opacity="0.85">{tip}</circle>')
+                   f'stroke-width="2">{tip}</rect>' if colour is None else
+                   f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" fill="{colour}" fill-opacity="0.85">{tip}</circle>')
     out.append("</svg>")
     return "".join(out)
