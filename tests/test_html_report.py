@@ -268,6 +268,19 @@ def test_no_input_an_existing_output_and_a_bad_form_are_refused(made, tmp_path):
     assert result.exit_code == 0 and "manu.safetensors" in out.read_text()
 
 
+def test_an_impossible_output_is_refused_before_any_input_is_read(made, tmp_path, monkeypatch):
+    import mmedit.eval.html
+
+    def read(*args, **kwargs):
+        raise AssertionError("the inputs were read before the output was checked")
+
+    monkeypatch.setattr(mmedit.eval.html, "read_inputs", read)
+    (tmp_path / "a-file").write_text("not a folder")
+    result = run(["report", "--delta", made / "manu.safetensors", "--out", tmp_path / "a-file" / "r.html"])
+    assert result.exit_code == 1 and result.output.startswith("error: cannot write ") and \
+        "not a writable folder" in result.output and result.output.count("\n") == 1, result.output
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (/usr/bin/chromium)")
 def test_chromium_renders_it(report, tmp_path):
     from PIL import Image

@@ -25,7 +25,7 @@ th{background:#f0f0f0;font-weight:600}td.l,th.l{text-align:left}
 .layer{background:#fff;border:1px solid #e4e4e4;border-radius:6px;padding:8px 10px;margin:8px 0}
 .layer h4{margin:0 0 4px;font-size:13px}.muted{color:#777}.note{background:#fff6d6;border-left:4px solid #e0b000;padding:4px 10px;margin:4px 0}
 svg text{font:10px system-ui,sans-serif;fill:#333}svg .lab{font-size:10px}svg .grid{stroke:#e6e6e6}
-svg .frame{fill:#fff;stroke:#ccc}.legend span{margin-right:14px;font-size:12px}
+svg .frame{fill:#fff;stroke:#ccc}.legend{margin:4px 0 10px}.legend span{margin-right:14px;font-size:12px}
 .legend i{display:inline-block;width:11px;height:11px;margin-right:4px;vertical-align:-1px;border-radius:2px}
 .charts{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}.card{background:#fff;border:1px solid #e4e4e4;border-radius:6px;padding:8px 12px}
 details{margin:6px 0}summary{cursor:pointer;font-weight:600}table.kv td{text-align:left}table.kv td.k{color:#555;white-space:nowrap}
