@@ -4,7 +4,6 @@ the atlas's numbers are the deltas' own counts per part and layer (and per neuro
 independently), nothing is fetched from the network, text from the artifacts is escaped; bad inputs are
 one error line with nothing written. Where Debian's chromium is installed the page is also rendered."""
 import json
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -299,4 +298,3 @@ def test_chromium_renders_it(report, tmp_path):
     rendered = Page(dom)
     assert set(SECTIONS) <= {attrs["id"] for attrs in rendered.with_attr("id")}
     assert EVIL in rendered.all_text and not [tag for tag, _ in rendered.tags if tag in ("script", "img")]
-    shutil.copy(shot, Path(report).with_suffix(".png"))  # beside the report, for a person to look at
