@@ -81,7 +81,8 @@ def atlas_section(trace: Input | None, deltas: list[Input], form: str) -> tuple[
     if deltas:
         intro.append(" Below the importance, one row per delta: a neuron is marked where the delta touches "
                      "its producer rows (or its consumer column); darker = more of its elements. Wide layers "
-                     f"are binned to {svg.MAX_BINS} cells (max per cell).</p>" + svg.legend(labels))
+                     f"are binned to {svg.MAX_BINS} cells (max per cell).</p>"
+                     + svg.legend(labels, [svg.PALETTE[i % len(svg.PALETTE)] for i in range(len(labels))]))
     else:
         intro.append("</p>")
     html = ["".join(intro), _parts_table(deltas, labels)]
