@@ -192,6 +192,22 @@ def test_rank_percentile():
     assert atlas.rank_percentile(scores, torch.tensor([], dtype=torch.int64)) is None
 
 
+def test_a_real_manu_delta_touches_the_neurons_its_own_report_selected(made, tmp_path, tmp_path_factory):
+    """MANU (the plugin, run here) records how many neurons it zeroed per site; the atlas finds as many."""
+    from mmedit.eval import html
+    from mmedit.plugins import apply_plugin
+
+    model, processor = load(zoo.tiny("llava", root=tmp_path_factory.getbasetemp() / "zoo"), device="cpu")
+    forget, retain = read_rows(made / "bench" / "forget10.jsonl")[:6], read_rows(made / "bench" / "retain90.jsonl")[:12]
+    delta = apply_plugin("manu", model, processor, forget, retain, {})
+    delta.save(tmp_path / "manu-real.safetensors")
+    selected = {layer["site"]: layer["selected"] for part in delta.provenance["report"]["selected"].values()
+                for layer in part["layers"] if layer["selected"]}
+    assert sum(selected.values()) > 0
+    page = Page(html.build(made / "trace.safetensors", [tmp_path / "manu-real.safetensors"]))
+    assert neurons_shown(page, 0) == selected
+
+
 def test_per_neuron_counts_of_each_change_kind():
     change = Delta.from_changes({"w": (torch.zeros(4, 6), torch.zeros(4, 6).index_fill(1, torch.tensor([1, 4]), 1.0))}
                                 ).changes["w"]
