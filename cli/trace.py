@@ -1,14 +1,31 @@
 """`mmedit trace`: per-neuron activation (and gradient) statistics of a model over a data set."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import (Device, Dtype, Force, IgnorePlan, ImageDir, Threads, TrustRemoteCode, check_memory, err,
-                               load_model, out, user_errors)
+from mmedit.cli.common import (Device, DeviceMap, Dtype, Force, IgnorePlan, ImageDir, MaxMemory, OffloadDir, Threads,
+                               TrustRemoteCode, check_memory, err, load_model, out, placement, user_errors)
+from mmedit import distributed
 from mmedit.errors import MmeditError
+
+
+def all_ranks(stats):
+    """Under torchrun, the statistics of every rank's batches merged in rank order (the whole data set's;
+    sums equal one process's up to float64 summation order), on every rank; else `stats`."""
+    from mmedit.trace import TraceStats
+
+    if not distributed.active():
+        return stats
+    parts = distributed.gather(stats)
+    merged = functools.reduce(TraceStats.merge, parts).tensors
+    batches = {form: sum(part.meta["batches"].get(form, 0) for part in parts) for form in parts[0].meta["batches"]}
+    dead = [site for site in parts[0].meta["dead_sites"] if all(site in part.meta["dead_sites"] for part in parts)]
+    return TraceStats(merged, parts[0].meta | {"batches": batches, "dead_sites": dead,
+                                               "distributed": distributed.describe()})
 
 
 def split_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -36,6 +53,9 @@ def trace_command(
                                               "(an existing file needs --force).")] = None,
     image_dir: ImageDir = None,
     device: Device = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_dir: OffloadDir = None,
     dtype: Dtype = "auto",
     threads: Threads = 0,
     trust_remote_code: TrustRemoteCode = False,
@@ -53,6 +73,7 @@ def trace_command(
     from mmedit.safefile import check_writable
     from mmedit.trace import GROUPS, PARTS, trace
 
+    placed = placement(device, device_map, max_memory, offload_dir)
     part_list = split_list(parts, PARTS, "part")
     form_list = split_list(forms, FORMS, "form")
     split_list(positions, GROUPS, "position group")
@@ -61,18 +82,25 @@ def trace_command(
     rows = read_rows(data, image_dir)[:limit]
     if any(row.image is None for row in rows) and "multimodal" in form_list:
         raise MmeditError(f"{data}: some rows have no image; trace them with --forms text")
-    check_memory("trace", model, ignore=ignore_plan, device=device, dtype=dtype, sets={"forget": rows},
-                 batch_size=batch_size, grads=grads, trust_remote_code=trust_remote_code)
-    loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
+    mine = distributed.shard(rows, batch_size)  # under torchrun: this rank's batches
+    device = distributed.device(device)
+    check_memory("trace", model, ignore=ignore_plan, device=device, dtype=dtype, sets={"forget": mine},
+                 batch_size=batch_size, grads=grads, trust_remote_code=trust_remote_code, placed=placed)
+    loaded, processor = load_model(model, device, dtype, trust_remote_code, threads, placed)
 
     def batches():
         for form in form_list:
-            yield from make_batches(rows, processor, form=form, batch_size=batch_size, with_answer=True)
+            yield from make_batches(mine, processor, form=form, batch_size=batch_size, with_answer=True)
 
-    total = len(form_list) * -(-len(rows) // batch_size)
+    total = len(form_list) * -(-len(mine) // batch_size)
     meta = {"data": {"path": str(data), "sha256": file_sha256(data), "rows": len(rows)}, "model_arg": model}
-    stats = trace(loaded, batches(), parts=part_list, grads=grads, tau=tau, meta=meta, total=total)
+    stats = all_ranks(trace(loaded, batches(), parts=part_list, grads=grads, tau=tau, meta=meta, total=total,
+                            progress=distributed.is_writer()))
+    if not distributed.is_writer():
+        distributed.barrier()  # rank 0 writes; the others wait for it
+        return
     stats.save(out_path, force=force)
+    distributed.barrier()
     for name in stats.meta["dead_sites"]:
         err.print(f"[yellow]note:[/] no gradient reaches {name}: it is off the loss path (dead branch), "
                   "so it has activation statistics only")
