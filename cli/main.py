@@ -38,8 +38,11 @@ for module in (apply, attack, data, delta, demo, eval, export, info, paths, plan
     module.register(app)
 
 
-def main() -> None:  # console-script entry point
-    app()
+def main() -> None:  # console-script entry point; under torchrun, inside its process group
+    from mmedit import distributed
+
+    with distributed.session():
+        app()
 
 
 if __name__ == "__main__":
