@@ -140,21 +140,21 @@ def sequential_command(
     from mmedit.data import read_rows
     from mmedit.eval.report import write_json
     from mmedit.plugins import get
-    from mmedit.plugins.sequential import run_requests, split_groups
+    from mmedit.plugins.sequential import check, run_requests
     from mmedit.provenance import library_versions, model_identity
     from mmedit.safefile import atomic_dir, check_writable
 
     overrides = preset_options(get(plugin), preset) | parse_overrides(config, settings or [])
-    get(plugin).configure(overrides)  # bad options fail before anything loads
     check_writable(out_dir, force)  # an existing or unwritable folder fails before any work
     sets = {role: (path, read_rows(path, image_dir)) for role, path in (("forget", forget), ("retain", retain))
             if path is not None}
-    split_groups(sets["forget"][1], requests, seed)  # a bad --requests fails before the model loads
+    retain_rows = sets["retain"][1] if "retain" in sets else []
+    check(plugin, sets["forget"][1], retain_rows, requests, seed, overrides)  # bad input fails before loading
     quiet_transformers()
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
     files = {role: {"path": str(path), "sha256": set_sha256(path), "rows": len(rows),
                     "people": len({row.entity for row in rows})} for role, (path, rows) in sets.items()}
-    result = run_requests(plugin, loaded, processor, sets["forget"][1], sets.get("retain", (None, []))[1], requests,
+    result = run_requests(plugin, loaded, processor, sets["forget"][1], retain_rows, requests,
                           overrides, seed, retain_people=retain_people, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, letters=letters,
                           provenance={"files": {role: {"path": entry["path"], "sha256": entry["sha256"]}
@@ -174,7 +174,8 @@ def sequential_command(
         write_json(record, work / REPORT)
         plot(record, work / PLOT)
     out.print(summary_table(record))
-    out.print(f"deltas: {out_dir}/request-1..{requests}.safetensors (apply in this order), {out_dir}/union.safetensors; "
+    out.print(f"deltas: {out_dir}/request-1..{requests}.safetensors (apply in this order), "
+              f"{out_dir}/union.safetensors; "
               f"report: {out_dir / REPORT}, plot: {out_dir / PLOT}", highlight=False, soft_wrap=True)
 
 

@@ -58,6 +58,17 @@ def split_groups(rows: Sequence, requests: int, seed: int = 0) -> list[list[str]
     return [[person for person in people if person in group] for group in dealt]
 
 
+def check(name: str, forget_rows: Sequence, retain_rows: Sequence | None, requests: int, seed: int = 0,
+          overrides: Mapping | None = None) -> list[list[str]]:
+    """What run_requests refuses, before any model loads: unknown plugin or options, a retain set the
+    plugin needs and lacks, a request count the forget people cannot fill. Returns the groups."""
+    plugin = get(name)
+    plugin.configure(overrides)
+    if plugin.needs_retain and not retain_rows:
+        raise MmeditError(f"{name}: needs a retain set (--retain), and none was given")
+    return split_groups(forget_rows, requests, seed)
+
+
 def views(records: Sequence, groups: Sequence[Sequence[str]], request: int, union: bool = False) -> dict:
     """{view: {form: {metric: mean}}} of evaluation records (splits "forget" and "retain") after `request`
     requests (0: the base); `union`: the one-shot control, which has no current group."""
@@ -84,9 +95,9 @@ def run_requests(name: str, model, processor, forget_rows: Sequence, retain_rows
     each on the model with the earlier deltas applied, then the union of the groups on the base; evaluate
     after every request and the union (harness.evaluate: `eval_options`, e.g. batch_size, max_new_tokens,
     letters). `provenance` goes into every delta's header. `model` is left as it was, bit for bit."""
+    groups = check(name, forget_rows, retain_rows, requests, seed, overrides)  # before any work
     plugin = get(name)
-    config = plugin.configure(overrides)  # bad options fail before any work
-    groups = split_groups(forget_rows, requests, seed)
+    config = plugin.configure(overrides)
     forget_rows, retain_rows = list(forget_rows), list(retain_rows or [])
     sets = {"forget": forget_rows, "retain": select_people(retain_rows, retain_people, seed)}
     if not sets["retain"]:

@@ -193,7 +193,8 @@ def test_the_command_writes_the_deltas_report_and_plot(command):
     assert [row["delta"]["checksum"] for row in record["sequence"]] == [delta.checksum for delta in deltas]
     assert deltas[1].provenance["stacks_on"] == [deltas[0].checksum]
     assert record["union"]["delta"]["checksum"] == Delta.load(out / "union.safetensors").checksum
-    assert record["plugin"]["name"] == "ga" and record["config"]["lr"] == 1e-3 and record["overrides"]["max_steps"] == "5"
+    assert record["plugin"]["name"] == "ga" and record["config"]["lr"] == 1e-3
+    assert record["overrides"]["max_steps"] == "5" and record["config"]["max_steps"] == 5
     assert record["data"]["forget"]["people"] == 5 and len(record["data"]["forget"]["sha256"]) == 64
     assert {"torch", "transformers"} <= set(record["versions"]) and record["model"]["arg"] == str(paths.model)
     assert (out / "sequential.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -229,6 +230,13 @@ def test_bad_input_is_one_line_and_writes_nothing(bench, tmp_path, extra, messag
     out = tmp_path / "seq"
     refused(mmedit("sequential", "ga", paths.model, "--forget", paths.data / "forget10.jsonl", "--retain",
                    paths.data / "retain90.jsonl", *extra, "--out", out), message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plugin_that_needs_a_retain_set_is_refused_without_one(bench, tmp_path):
+    paths, *_ = bench
+    refused(mmedit("sequential", "graddiff", paths.model, "--forget", paths.data / "forget10.jsonl",
+                   "--requests", 2, "--out", tmp_path / "seq"), "graddiff: needs a retain set (--retain)")
     assert list(tmp_path.iterdir()) == []
 
 
