@@ -67,8 +67,9 @@ def made(tmp_path_factory):
     bench = generate(root / "bench", n_people=10, seed=0).root
     model, processor = load(model_dir, device="cpu")
     rows = read_rows(bench / "forget10.jsonl")[:6]
-    stats = trace(model, make_batches(rows, processor, form="multimodal", batch_size=3), grads=True,
-                  meta={"data": {"path": EVIL}}, progress=False)
+    batches = [*make_batches(rows, processor, form="multimodal", batch_size=3),
+               *make_batches(rows, processor, form="text", batch_size=3)]
+    stats = trace(model, batches, grads=True, meta={"data": {"path": EVIL}}, progress=False)
     stats.save(root / "trace.safetensors")
     pruned = {f"{VISION_FC1}.weight": [1, 5, 7], f"{VISION_FC1}.bias": [1, 5, 7], f"{LLM_MLP}.gate_proj.weight": [0, 9],
               f"{LLM_MLP}.up_proj.weight": [0, 9], f"{PROJECTOR}.linear_1.weight": [3]}
@@ -243,6 +244,22 @@ def test_any_subset_of_inputs(made, tmp_path):
         page = Page(out.read_text(encoding="utf-8"))
         assert set(SECTIONS) <= {attrs["id"] for attrs in page.with_attr("id")}
         assert Path(arguments[1]).name in page.all_text
+
+
+def test_form_text_shows_the_text_twins_importance_and_an_untraced_form_is_refused(made, tmp_path, tmp_path_factory):
+    out = tmp_path / "text.html"
+    result = run(["report", "--trace", made / "trace.safetensors", "--form", "text", "--out", out])
+    assert result.exit_code == 0, result.output
+    page = Page(out.read_text(encoding="utf-8"))
+    strips = [attrs for tag, attrs in page.tags if tag == "svg" and attrs.get("class") == "strip"]
+    assert len(strips) == 2  # the LLM's layers: text-only inputs never reach the vision tower or projector
+    assert "over all positions of the text inputs" in page.all_text
+    model, processor = load(zoo.tiny("llava", root=tmp_path_factory.getbasetemp() / "zoo"), device="cpu")
+    rows = read_rows(made / "bench" / "forget10.jsonl")[:2]
+    trace(model, make_batches(rows, processor, form="multimodal"), progress=False).save(tmp_path / "mm.safetensors")
+    result = run(["report", "--trace", tmp_path / "mm.safetensors", "--form", "text", "--out", tmp_path / "x.html"])
+    assert result.exit_code == 1 and "has no text statistics (traced forms: multimodal)" in result.output
+    assert not (tmp_path / "x.html").exists()
 
 
 @pytest.mark.parametrize("option, source, message", [

@@ -46,6 +46,8 @@ def render(found: list[readers.Input], *, form: str = "multimodal", title: str =
         raise MmeditError(f"unknown form {form!r}; forms are {', '.join(FORMS)}")
     of = {kind: [item for item in found if item.kind == kind] for kind in ("trace", "delta", "eval", "attack")}
     trace = of["trace"][0] if of["trace"] else None
+    if trace is not None and form not in trace.content.forms:
+        raise MmeditError(f"{trace.path} has no {form} statistics (traced forms: {', '.join(trace.content.forms)})")
     atlas_html, atlas_notes = page.atlas_section(trace, of["delta"], form)
     own = {"mmedit_version": __version__, "versions": library_versions(), "form": form,
            "inputs": [{"kind": item.kind, "path": str(item.path), "sha256": item.sha256} for item in found]}
