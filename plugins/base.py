@@ -29,9 +29,25 @@ TYPES = (int, float, bool, str)  # the option types --set can parse
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
-def option(default, help: str, choices: Sequence | None = None):
-    """A config field with its help text (and allowed values): `lr: float = option(1e-5, "Learning rate.")`."""
-    metadata = {"help": help} | ({"choices": tuple(choices)} if choices else {})
+@dataclass(frozen=True)
+class Range:
+    """Where `mmedit sweep` searches a number option: low..high, both included, on a log scale when `log`
+    (rates and weights that span decades). An int option takes int bounds."""
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The values `mmedit sweep` tries for an option, none preferred."""
+    values: tuple
+
+
+def option(default, help: str, choices: Sequence | None = None, space: Range | Choice | None = None):
+    """A config field with its help text (and allowed values, and where `mmedit sweep` searches it):
+    `lr: float = option(1e-5, "Learning rate.", space=Range(1e-6, 1e-3, log=True))`."""
+    metadata = {"help": help} | ({"choices": tuple(choices)} if choices else {}) | ({"space": space} if space else {})
     return field(default=default, metadata=metadata)
 
 
@@ -57,6 +73,9 @@ class Plugin:
     # True: edit() calls job.original.keep(name, ...) before it changes a parameter (or its rows or elements),
     # so only that is copied. False: apply_plugin keeps every parameter of the declared parts whole first.
     keeps_originals: bool = False
+    # Where `mmedit sweep` searches options this plugin inherits (e.g. TrainConfig's lr, forms), by name:
+    # {"lr": Range(1e-5, 1e-2, log=True)}. Options it declares itself say it with option(space=...).
+    search_space: Mapping[str, Range | Choice] = {}
 
     def parts(self, config) -> tuple[str, ...]:
         """The parts (vision, projector, llm) the edit may change; nothing outside them may move."""
@@ -119,6 +138,21 @@ class Plugin:
             reads = f"it reads {', '.join(self.stats_keys)}" if self.stats_keys else "it reads none"
             raise MmeditError(f"{self.name}: unknown statistics key {unknown[0]!r}; {reads}")
 
+    def space(self) -> dict[str, Range | Choice]:
+        """The options `mmedit sweep` searches and where: each option's option(space=...), then search_space
+        (which wins). A range or choice that does not fit its option's type is a plugin bug, one error."""
+        found = {f.name: f.metadata["space"] for f in self.options() if "space" in f.metadata}
+        unknown = [name for name in self.search_space if name not in {f.name for f in self.options()}]
+        if unknown:
+            raise MmeditError(f"plugin {self.name}: search_space names {unknown[0]!r}, which is not an option")
+        found.update(self.search_space)
+        hints = typing.get_type_hints(self.Config)
+        for name, where in found.items():
+            problem = _space_problem(where, hints[name], self._field(name).metadata.get("choices"))
+            if problem:
+                raise MmeditError(f"plugin {self.name}: the search space of option {name} {problem}")
+        return found
+
     def describe_options(self) -> str:
         return ", ".join(f"{f.name}={_show(f.default)}" for f in self.options())
 
@@ -137,6 +171,25 @@ class Plugin:
                 raise MmeditError(f"plugin {self.name}: option {f.name} has no help text (field metadata 'help')")
             if hints[f.name] not in TYPES:
                 raise MmeditError(f"plugin {self.name}: option {f.name} must be int, float, bool or str")
+
+
+def _space_problem(where, kind: type, choices) -> str | None:
+    """Why a Range or Choice cannot be searched for an option of type `kind` (None: it can)."""
+    if isinstance(where, Range):
+        bounds = (where.low, where.high)
+        if kind not in (int, float) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in bounds):
+            return f"is a range, but the option is {kind.__name__}" if kind not in (int, float) else "needs number bounds"
+        if kind is int and not all(isinstance(x, int) for x in bounds):
+            return "needs int bounds (the option is int)"
+        if not where.low < where.high or (where.log and where.low <= 0):
+            return f"must have low < high{' and low > 0 (log scale)' if where.log else ''}"
+        return None
+    if isinstance(where, Choice):
+        if not where.values or any(type(value) is not kind for value in where.values):
+            return f"needs one or more {kind.__name__} values"
+        outside = [value for value in where.values if choices and value not in choices]
+        return f"offers {outside[0]!r}, not one of the option's choices" if outside else None
+    return "must be a Range or a Choice"
 
 
 def _parse(value, kind: type, choices):

@@ -1,4 +1,5 @@
 """GA: gradient ascent on the forget set, minimise −NLL(D_f)."""
+from mmedit.plugins.base import Choice, Range
 from mmedit.plugins.objectives import Objective, forget_nll
 from mmedit.plugins.training import TrainingPlugin
 
@@ -8,6 +9,7 @@ class GA(TrainingPlugin):
     description = "Gradient ascent: minimise -NLL of the forget answers."
     needs_retain = False
     presets = {"embedded": {"lr": 1e-4}, "conformance": {"lr": 1e-3, "epochs": 3}}
+    search_space = {"lr": Range(1e-6, 1e-3, log=True), "forms": Choice(("multimodal", "text", "both"))}
 
     def loss(self, trainer, step):
         return -trainer.forward(step.forget).nll

@@ -1,5 +1,6 @@
 """KL-Min: ascent on the forget set, NLL on the retain set, and KL(p_θ₀ ‖ p_θ) on the retain answers."""
 from mmedit.plugins import losses
+from mmedit.plugins.base import Choice, Range
 from mmedit.plugins.objectives import Objective, forget_nll, retain_kl
 from mmedit.plugins.training import TrainingPlugin, reference_rows
 
@@ -8,6 +9,7 @@ class KLMin(TrainingPlugin):
     name, version = "kl_min", "1.0"
     description = "-NLL(forget) + NLL(retain) + KL(base || edited) on the retain answer tokens."
     presets = {"embedded": {"lr": 1e-4}, "conformance": {"lr": 1e-3, "epochs": 3}}
+    search_space = {"lr": Range(1e-6, 1e-3, log=True), "forms": Choice(("multimodal", "text", "both"))}
 
     def references(self, trainer, batch, which):
         """θ₀'s answer logits of the retain batches (in the model's dtype: exactly its float32 values)."""

@@ -21,7 +21,7 @@ import torch
 
 from mmedit.errors import MmeditError
 from mmedit.modelstate import preserved
-from mmedit.plugins.base import option, require
+from mmedit.plugins.base import Range, option, require
 from mmedit.plugins.objectives import Objective, nll_gap, retain_nll
 from mmedit.plugins.training import Selection, TrainConfig, Trainer, TrainingPlugin, interleaved
 
@@ -32,7 +32,7 @@ EPSILON = 1e-15
 @dataclass
 class MMUnlearnerConfig(TrainConfig):
     tau: float = option(1.0, "Saliency threshold: a weight trains in forget steps where F_forget/F_preserve >= tau "
-                        "(search 0.5, 1, 2).")
+                        "(search 0.5, 1, 2).", space=Range(0.5, 4.0, log=True))
     scope: str = option("both", "Where to unlearn: vision (encoder + projector), language (LLM) or both.",
                         choices=tuple(SCOPES))
 
@@ -88,6 +88,7 @@ class MMUnlearner(TrainingPlugin):
     Config = MMUnlearnerConfig
     stats_keys = ("forget", "retain", "text")
     presets = {"embedded": {"lr": 1e-3, "tau": 2.0}, "conformance": {"lr": 1e-3, "epochs": 3}}
+    search_space = {"lr": Range(1e-6, 3e-3, log=True)}  # TrainConfig's lr
 
     def parts(self, config):
         return SCOPES[config.scope]

@@ -6,14 +6,14 @@ loaded reference model is dropped from memory before the first step."""
 from dataclasses import dataclass
 
 from mmedit.plugins import losses
-from mmedit.plugins.base import option, require
+from mmedit.plugins.base import Choice, Range, option, require
 from mmedit.plugins.objectives import Objective, forget_nll
 from mmedit.plugins.training import BaselineConfig, Trainer, TrainingPlugin, largest_form
 
 
 @dataclass
 class NPOConfig(BaselineConfig):
-    beta: float = option(0.4, "Inverse temperature beta of the NPO loss.")
+    beta: float = option(0.4, "Inverse temperature beta of the NPO loss.", space=Range(0.05, 2.0, log=True))
     ref: str = option("", "Reference model directory, loaded on the model's device and dtype (empty: the base model).")
 
     def __post_init__(self):
@@ -27,6 +27,7 @@ class NPO(TrainingPlugin):
     Config = NPOConfig
     needs_retain = False
     presets = {"embedded": {"lr": 1e-4}, "conformance": {"lr": 1e-3, "epochs": 3}}
+    search_space = {"lr": Range(1e-6, 1e-3, log=True), "forms": Choice(("multimodal", "text", "both"))}
 
     def references(self, trainer, batch, which):
         return {"nll": trainer.reference(batch).sequence_nll} if which == "forget" else {}

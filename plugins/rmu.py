@@ -8,7 +8,7 @@ reference code). Paired forget/retain batches."""
 from dataclasses import dataclass
 
 from mmedit.plugins import losses
-from mmedit.plugins.base import option, require
+from mmedit.plugins.base import Choice, Range, option, require
 from mmedit.plugins.objectives import Objective, retain_state_distance, steered_distance
 from mmedit.plugins.training import (Selection, TrainConfig, TrainingPlugin, forms_option, largest_form, reference_rows,
                                      steered_layer)
@@ -16,10 +16,11 @@ from mmedit.plugins.training import (Selection, TrainConfig, TrainingPlugin, for
 
 @dataclass
 class RMUConfig(TrainConfig):
-    lr: float = option(5e-5, "AdamW learning rate (no weight decay).")
+    lr: float = option(5e-5, "AdamW learning rate (no weight decay).", space=Range(1e-6, 3e-3, log=True))
     layer: int = option(7, "Decoder layer l whose output is steered (clamped to the last layer); MLPs of 0..l train.")
-    c: float = option(10.0, "Steering coefficient: forget activations are pushed towards c*u (search 1, 10, 100).")
-    alpha: float = option(1200.0, "Weight of the retain term (the RMU paper's value).")
+    c: float = option(10.0, "Steering coefficient: forget activations are pushed towards c*u (search 1, 10, 100).",
+                      space=Range(1.0, 300.0, log=True))
+    alpha: float = option(1200.0, "Weight of the retain term (the RMU paper's value).", space=Range(0.1, 2000.0, log=True))
     forms: str = forms_option()
 
     def __post_init__(self):
@@ -40,6 +41,7 @@ class RMU(TrainingPlugin):
     Config = RMUConfig
     head = "logits"  # a loss on hidden states
     presets = {"embedded": {"lr": 1e-3, "alpha": 1.0, "c": 100.0}, "conformance": {"lr": 1e-3, "epochs": 5}}
+    search_space = {"forms": Choice(("multimodal", "text", "both"))}  # forms_option() is shared: its space is declared here
 
     def parts(self, config):
         return ("llm",)

@@ -35,7 +35,7 @@ import torch
 from mmedit.data.batches import FORMS, make_batches
 from mmedit.errors import MmeditError
 from mmedit.modelstate import preserved
-from mmedit.plugins.base import Plugin, option, require, rows_sha256
+from mmedit.plugins.base import Choice, Plugin, Range, option, require, rows_sha256
 from mmedit.plugins.manu import report, scoring
 from mmedit.plugins.training import split_parts
 
@@ -44,14 +44,17 @@ STATS_KEYS = ("forget", "retain")
 
 @dataclass
 class MANUConfig:
-    alpha: float = option(2.0, "Percent of neurons to prune in each part (or layer, see within); search 2, 5, 10.")
+    alpha: float = option(2.0, "Percent of neurons to prune in each part (or layer, see within); search 2, 5, 10.",
+                          space=Range(1.0, 50.0, log=True))
     within: str = option("part", "Rank neurons over all layers of a part (part) or in each layer (layer).",
-                         choices=("part", "layer"))
-    parts: str = option("vision,projector,llm", "Comma-separated parts to prune in; the others stay as they are.")
+                         choices=("part", "layer"), space=Choice(("part", "layer")))
+    # each parts value traces once per sweep (the statistics depend on it), so a few are searched
+    parts: str = option("vision,projector,llm", "Comma-separated parts to prune in; the others stay as they are.",
+                        space=Choice(("vision,projector,llm", "llm", "vision,projector")))
     preset: str = option("paper", "Scoring: paper (equal weights, the forms compared as |a-b|/(a+b), I(forget) / "
                          "I(retain)) or reference (the public code: sum of w (forget/retain - 1) with abs 2, freq 0, "
                          "var 2, rms 2, one form per part: LLM text-only, vision and projector multimodal).",
-                         choices=tuple(scoring.PRESETS))
+                         choices=tuple(scoring.PRESETS), space=Choice(tuple(scoring.PRESETS)))
     weights: str = option("", "Override some of the preset's term weights, e.g. 'abs=1,freq=0,var=1,rms=1'.")
     positions: str = option("all", "LLM token positions the statistics cover: all (non-pad) or last (the last "
                             "prompt token). Vision and projector sites always use all positions.",

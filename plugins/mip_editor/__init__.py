@@ -38,7 +38,7 @@ from types import SimpleNamespace
 import torch
 
 from mmedit.errors import MmeditError
-from mmedit.plugins.base import option, require
+from mmedit.plugins.base import Choice, Range, option, require
 from mmedit.plugins.training import (Selection, TrainConfig, TrainingPlugin, forms_option, largest_form, paired,
                                      reference_rows, steered_layer, training_phases)
 from mmedit.plugins.mip_editor.interventions import POSITIONS, model_inputs
@@ -53,13 +53,15 @@ TARGETS = ("fixed", "adaptive")
 
 @dataclass
 class MIPEditorConfig(TrainConfig):
-    lr: float = option(5e-4, "AdamW learning rate (no weight decay), decayed linearly.")
+    lr: float = option(5e-4, "AdamW learning rate (no weight decay), decayed linearly.", space=Range(1e-5, 1e-2, log=True))
     batch_size: int = option(6, "Rows per training batch.")
     grad_clip: float = option(0.0, "Clip each step's gradient norm to this (0: no clipping, as the paper).")
     side: str = option("both", "Paths to find and edit: text (IGI over LLM neurons, text-only forget rows), "
                        "vision (IFI over vision-encoder neurons, image forget rows) or both.", choices=tuple(SIDES))
     steps: int = option(4, "Interpolation steps m (alpha = k/m, k = 0..m-1) of the path attribution.")
-    top_k: int = option(5, "Path neurons per layer and forget sample; the union over samples is edited.")
+    # each top_k searches its paths once per sweep (the paths depend on it), so a few are searched
+    top_k: int = option(5, "Path neurons per layer and forget sample; the union over samples is edited.",
+                        space=Choice((3, 5, 10)))
     positions: str = option("answer", "Token positions scaled and read in the LLM: answer (those predicting the "
                             "answer: last prompt token and answer tokens), all (non-pad), first (position 0, as "
                             "the reference code).", choices=POSITIONS)
@@ -71,9 +73,11 @@ class MIPEditorConfig(TrainConfig):
     restrict: bool = option(True, "Train only the rows of path neurons (false: every MLP producer weight row of the "
                             "searched parts, LLM layers <= l).")
     layer: int = option(7, "LLM decoder layer l whose output is misdirected (clamped to the last layer).")
-    alpha: float = option(0.5, "Weight of the retain term MSE(h^l(x_r), h_theta0^l(x_r)).")
-    beta: float = option(0.5, "Weight of the forget term MSE(h^l(x_f), target).")
-    c: float = option(10.0, "Fixed target c*u: its norm (u: a seeded random unit vector).")
+    alpha: float = option(0.5, "Weight of the retain term MSE(h^l(x_r), h_theta0^l(x_r)).",
+                          space=Range(0.05, 5.0, log=True))
+    beta: float = option(0.5, "Weight of the forget term MSE(h^l(x_f), target).", space=Range(0.05, 5.0, log=True))
+    c: float = option(10.0, "Fixed target c*u: its norm (u: a seeded random unit vector).",
+                      space=Range(1.0, 100.0, log=True))
     target: str = option("fixed", "Forget target: fixed (c*u) or adaptive (lam*||h_theta0^l(x_f)||*u per position).",
                          choices=TARGETS)
     lam: float = option(1.0, "lam of the adaptive target.")
@@ -287,6 +291,7 @@ class MIPEditor(TrainingPlugin):
     Config = MIPEditorConfig
     stats_keys = ("paths",)
     presets = {"conformance": {"lr": 5e-3, "epochs": 5}}
+    search_space = {"forms": Choice(("multimodal", "text", "both"))}  # forms_option() is shared: its space is declared here
 
     def parts(self, config):
         return SIDES[config.side]
