@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mmedit.cli.common import (Device, Dtype, Force, IgnorePlan, ImageDir, Threads, TrustRemoteCode, check_memory,
-                               load_model, out, user_errors)
+from mmedit.cli.common import (Device, DeviceMap, Dtype, Force, IgnorePlan, ImageDir, MaxMemory, OffloadDir, Threads,
+                               TrustRemoteCode, check_memory, load_model, out, placement, user_errors)
 from mmedit.errors import MmeditError, first_line
 from mmedit.safefile import check_writable, parse_json
 
@@ -117,6 +117,9 @@ def apply_command(
         "pip install 'mmedit[tensorboard]'."))] = None,
     image_dir: ImageDir = None,
     device: Device = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_dir: OffloadDir = None,
     dtype: Dtype = "auto",
     threads: Threads = 0,
     trust_remote_code: TrustRemoteCode = False,
@@ -129,6 +132,7 @@ def apply_command(
     """
     from mmedit.plugins import apply_plugin, get
 
+    placed = placement(device, device_map, max_memory, offload_dir)
     overrides = preset_options(get(plugin), preset) | parse_overrides(config, settings or [])
     options = get(plugin).configure(overrides)  # bad options fail before anything loads
     get(plugin).check_stats_keys(_stats_paths(stats or []))
@@ -143,8 +147,8 @@ def apply_command(
     traced, stats_files = _stats(stats or [])
     check_memory(plugin, model, ignore=ignore_plan, device=device, dtype=dtype, footprint=get(plugin).footprint,
                  options=options, sets={"forget": forget_rows, **({"retain": retain_rows} if retain_rows else {})},
-                 trust_remote_code=trust_remote_code)
-    loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
+                 trust_remote_code=trust_remote_code, placed=placed)
+    loaded, processor = load_model(model, device, dtype, trust_remote_code, threads, placed)
     delta = apply_plugin(plugin, loaded, processor, forget_rows, retain_rows, overrides, seed=seed,
                          stats=traced, text_retain_rows=text_rows if text_retain else None, log_dir=log_dir,
                          provenance={"files": files | retain_file | text_file | stats_files, "model_arg": model})

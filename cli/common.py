@@ -52,18 +52,48 @@ Threads = Annotated[int, typer.Option(min=0, help=(
     "run fastest so: their ops are too small to split), torch's default (one per core) otherwise."))]
 IgnorePlan = Annotated[bool, typer.Option("--ignore-plan", help=(
     "Run even when the memory plan (`mmedit plan`) says the run cannot fit this device's free memory."))]
+DeviceMap = Annotated[str | None, typer.Option(help=(
+    "Dispatch the model over several devices (transformers/accelerate): auto, balanced or sequential (placed "
+    "from the devices' free memory, bounded by --max-memory), or a JSON file {module name: device} with devices "
+    "cpu, disk, N or cuda:N. Offloaded modules (cpu beside a GPU, disk) come to the execution device for each "
+    "forward; --device stays auto or agrees with the map. docs/memory.md, Several devices and offload."))]
+MaxMemory = Annotated[str | None, typer.Option(help=(
+    "With --device-map auto|balanced|sequential: the most weight to place per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB "
+    "(devices: a GPU index N or cuda:N, cpu, disk)."))]
+OffloadDir = Annotated[Path | None, typer.Option(help=(
+    "With --device-map: where disk-offloaded weights that the checkpoint's own safetensors files cannot serve "
+    "are written (default: a temporary folder, removed when the run ends)."))]
 SMALL_MODEL = 20_000_000  # parameters below which one CPU thread beats several (BENCHMARKS.md "CPU threads")
 
 
-def check_memory(target: str, model: str, *, ignore: bool, device: str, dtype: str = "auto", **options) -> None:
+def placement(device: str, device_map: str | None, max_memory: str | None, offload_dir: Path | None = None) -> dict:
+    """--device-map, --max-memory and --offload-dir read and checked against --device (one line each), before
+    anything is read or loaded: the keyword arguments of mmedit.loading.load (empty without a device map)."""
+    from mmedit.loading import check_placement, read_device_map
+    from mmedit.plan import parse_max_memory
+
+    if device_map is None and offload_dir is not None:
+        raise MmeditError("--offload-dir is where --device-map offloads to disk; give a --device-map")
+    mapped = None if device_map is None else read_device_map(device_map)
+    budget = None if max_memory is None else parse_max_memory(max_memory)
+    check_placement(device, mapped, budget)
+    if mapped is None:
+        return {}
+    return {"device_map": mapped, "max_memory": budget, "offload_dir": offload_dir}
+
+
+def check_memory(target: str, model: str, *, ignore: bool, device: str, dtype: str = "auto",
+                 placed: dict | None = None, **options) -> None:
     """Refuse, before any weights load, a run whose memory plan (mmedit.plan.preflight: the config only)
-    exceeds the device's free memory: one line with the predicted and available bytes and what to change.
-    --ignore-plan (`ignore`) skips the plan."""
+    exceeds the device's free memory (with a device map: any device's; `placed` as `placement` returns
+    it): one line with the predicted and available bytes and what to change. --ignore-plan (`ignore`)
+    skips the plan."""
     if ignore:
         return
     from mmedit.plan import preflight
 
-    preflight(target, model, device=device, dtype=dtype, **options)
+    mapped = {key: (placed or {}).get(key) for key in ("device_map", "max_memory")}
+    preflight(target, model, device=device, dtype=dtype, **mapped, **options)
 
 
 def quiet_transformers() -> None:
@@ -74,16 +104,18 @@ def quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-def load_model(model: str, device: str, dtype: str, trust_remote_code: bool, threads: int = 0):
-    """(model, processor) for a command, with torch's CPU thread count set as `Threads` says."""
+def load_model(model: str, device: str, dtype: str, trust_remote_code: bool, threads: int = 0,
+               placed: dict | None = None):
+    """(model, processor) for a command, with torch's CPU thread count set as `Threads` says; `placed`:
+    the device map options (`placement`)."""
     import torch
 
-    from mmedit.loading import load
+    from mmedit.loading import input_device, load
 
     if threads:
         torch.set_num_threads(threads)
-    loaded, processor = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    if not threads and next(loaded.parameters()).device.type == "cpu" and \
+    loaded, processor = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **(placed or {}))
+    if not threads and input_device(loaded).type == "cpu" and \
             sum(p.numel() for p in loaded.parameters()) < SMALL_MODEL:
         torch.set_num_threads(1)
     return loaded, processor

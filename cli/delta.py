@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Column, Table
 
-from mmedit.cli.common import (AllowNonfinite, Force, IgnorePlan, TrustRemoteCode, WeightsDevice, check_memory, out,
-                               quiet_transformers, user_errors)
+from mmedit.cli.common import (AllowNonfinite, DeviceMap, Force, IgnorePlan, MaxMemory, OffloadDir, TrustRemoteCode,
+                               WeightsDevice, check_memory, out, placement, quiet_transformers, user_errors)
 from mmedit.provenance import describe
 
 Deltas = Annotated[list[Path], typer.Argument(help="Delta files, in the order they are (or were) applied.")]
@@ -21,7 +21,12 @@ def merge_command(
     model: Annotated[str, typer.Argument(help="Base HF checkpoint directory (or hub id in the local cache).")],
     deltas: Deltas,
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the merged checkpoint.")],
-    device: WeightsDevice = "cpu",
+    device: Annotated[str | None, typer.Option(help=(
+        "Where the weights are added: cpu (the default without --device-map: no model runs, the result is the "
+        "same bit for bit on any device), cuda, cuda:N or auto; with --device-map the map decides."))] = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_dir: OffloadDir = None,
     allow_nonfinite: AllowNonfinite = False,
     trust_remote_code: TrustRemoteCode = False,
     ignore_plan: IgnorePlan = False,
@@ -33,10 +38,12 @@ def merge_command(
     """
     from mmedit.checkpoint import merge
 
+    device = device or ("auto" if device_map else "cpu")
+    placed = placement(device, device_map, max_memory, offload_dir)
     quiet_transformers()
-    check_memory("merge", model, ignore=ignore_plan, device=device, trust_remote_code=trust_remote_code)
+    check_memory("merge", model, ignore=ignore_plan, device=device, trust_remote_code=trust_remote_code, placed=placed)
     path = merge(model, deltas, out_dir, device=device, force=force, allow_nonfinite=allow_nonfinite,
-                 trust_remote_code=trust_remote_code)
+                 trust_remote_code=trust_remote_code, placement=placed)
     out.print(f"merged {len(deltas)} delta(s) into {path}")
 
 

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import (AllowNonfinite, Device, Dtype, Force, IgnorePlan, ImageDir, check_memory, Threads, TrustRemoteCode, load_model, out, quiet_transformers,
+from mmedit.cli.common import (AllowNonfinite, Device, DeviceMap, Dtype, Force, IgnorePlan, ImageDir, MaxMemory, OffloadDir,
+                               Threads, TrustRemoteCode, check_memory, load_model, out, placement, quiet_transformers,
                                user_errors)
 
 
@@ -21,6 +22,14 @@ def set_sha256(path: Path) -> str:
     for part in sorted(path.glob("*.parquet")):
         digest.update(f"{part.name}\0{file_sha256(part)}\n".encode())
     return digest.hexdigest()
+
+
+def _placement_record(placed: dict, model) -> dict:
+    """The report's record of a device map: as given, and where transformers put each module."""
+    if not placed:
+        return {}
+    return {"device_map": placed["device_map"], "max_memory": placed["max_memory"],
+            "placed": {name: str(device) for name, device in getattr(model, "hf_device_map", {}).items()}}
 
 
 def delta_provenance(path: Path, delta) -> dict:
@@ -43,6 +52,9 @@ def eval_command(
     allow_nonfinite: AllowNonfinite = False,
     image_dir: ImageDir = None,
     device: Device = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_dir: OffloadDir = None,
     dtype: Dtype = "auto",
     threads: Threads = 0,
     trust_remote_code: TrustRemoteCode = False,
@@ -63,6 +75,7 @@ def eval_command(
     from mmedit.provenance import library_versions, model_identity
     from mmedit.safefile import check_writable
 
+    placed = placement(device, device_map, max_memory, offload_dir)
     for path in filter(None, (out_path, plot)):  # refused before the evaluation, not after
         check_writable(path, force)
     files = find_sets(data, forget)
@@ -73,8 +86,8 @@ def eval_command(
     loaded_deltas = [Delta.load(path) for path in deltas or []]  # a bad delta fails before the model loads
     quiet_transformers()
     check_memory("eval", model, ignore=ignore_plan, device=device, dtype=dtype, batch_size=batch_size,
-                 trust_remote_code=trust_remote_code)
-    loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
+                 trust_remote_code=trust_remote_code, placed=placed)
+    loaded, processor = load_model(model, device, dtype, trust_remote_code, threads, placed)
     with applied(loaded, loaded_deltas, allow_nonfinite=allow_nonfinite):
         pass  # the deltas fit this model (or one clear error) before the base model is evaluated
 
@@ -93,7 +106,7 @@ def eval_command(
                     "people": len({row.entity for row in sets[split]})} for split, path in files.items()}},
         "settings": {"limit_people": limit_people, "seed": seed, "people": "seeded sample" if seed is not None
                      and limit_people else "first N" if limit_people else "all", **options,
-                     "device": device, "dtype": dtype},
+                     "device": device, "dtype": dtype, **_placement_record(placed, loaded)},
         "versions": library_versions(),
     }
     report.write_json(report.build(results, provenance), out_path, force=force)

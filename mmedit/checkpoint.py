@@ -50,14 +50,16 @@ def load(base, deltas: Iterable = (), *, device: str = "cpu", dtype: str = "auto
 
 def merge(source: str | Path, deltas: Iterable[str | Path], out: str | Path, *, device: str = "cpu",
           force: bool = False, allow_nonfinite: bool = False, trust_remote_code: bool = False,
-          progress: bool = True) -> Path:
-    """Write `source` with `deltas` applied (in order) as a new checkpoint folder `out`."""
+          progress: bool = True, placement: dict | None = None) -> Path:
+    """Write `source` with `deltas` applied (in order) as a new checkpoint folder `out`. `placement`:
+    device_map / max_memory / offload_dir for mmedit.loading.load_model (a model larger than memory,
+    dispatched with disk offload: the deltas change the offloaded values where they live)."""
     source, paths = _local_dir(source), [Path(path) for path in deltas]
     out = check_writable(out, force)
     loaded = [Delta.load(path) for path in paths]
     readme, entries = _read_card(source)
     with phase(f"loading {source}", progress):
-        model = load_model(source, device=device, trust_remote_code=trust_remote_code)
+        model = load_model(source, device=device, trust_remote_code=trust_remote_code, **(placement or {}))
     applied_stack(model)[:] = [(entry["checksum"], entry["file"]) for entry in entries]  # deltas merged before
     for path, delta in zip(paths, loaded):
         with phase(f"applying {path.name}", progress):

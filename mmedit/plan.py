@@ -251,6 +251,7 @@ class Plan:
     model: Sized
     phases: list[Phase]
     assumed: list[str] = field(default_factory=list)
+    placement: dict[str, int] = field(default_factory=dict)  # with a device map: weight bytes per device
 
     def on(self, phase: Phase, device: str) -> dict[str, int]:
         """The phase's bytes on `device` ("cpu" or the model's device), by term."""
@@ -280,12 +281,30 @@ class Plan:
         if self.model.device != "cpu":
             devices["cpu"] = max(sum(self.on(p, "cpu").values()) for p in self.phases)
         devices["disk"] = max(phase.disk for phase in self.phases)
-        return devices
+        return self._placed(devices) if self.placement else devices
+
+    @property
+    def main_device(self) -> str:
+        """Where the run computes: a device map's first GPU (its execution device), else the model's device."""
+        if not self.placement:
+            return self.model.device
+        return next((label for label in self.placement if label.startswith("cuda")), "cpu")
+
+    def _placed(self, devices: dict[str, int]) -> dict[str, int]:
+        """per_device with a device map: the weights where the map puts them, everything else the model's
+        device holds (gradients, optimizer, activations, statistics, runtime) on the execution device."""
+        placed = dict(self.placement)
+        rest = devices.pop(self.model.device) - self.model.bytes(self.model.numel)
+        placed[self.main_device] = placed.get(self.main_device, 0) + rest
+        for label, nbytes in devices.items():
+            placed[label] = placed.get(label, 0) + nbytes
+        return placed
 
     def to_json(self) -> dict:
         return {"target": self.target, "model_type": self.model.config.model_type, "params": self.model.params,
                 "dtype": self.model.dtype, "device": self.model.device, "peak_bytes": self.peak_bytes,
                 "peak_phase": self.peak.name, "breakdown": self.breakdown, "per_device": self.per_device,
+                **({"device_map": dict(self.placement)} if self.placement else {}),
                 "phases": [{"name": p.name, self.model.device: self.on(p, self.model.device),
                             **({"cpu": self.on(p, "cpu")} if self.model.device != "cpu" else {}), "disk": p.disk}
                            for p in self.phases],
@@ -390,12 +409,86 @@ def _phases(target: str, footprint, model: Sized, shapes: Shapes, config, checkp
 def plan_for(target: str, model: str, *, dtype: str = "auto", device: str = "cuda", footprint=None, options=None,
              sets: Mapping[str, Sequence] | None = None, batch_size: int | None = None, grads: bool = False,
              tokens: int = TEXT_TOKENS, rows: int = 40, memory: int | None = None,
-             trust_remote_code: bool = False) -> Plan:
+             trust_remote_code: bool = False, device_map: str | dict | None = None,
+             max_memory: Mapping | None = None) -> Plan:
     """The plan of `target` on `model` (a folder or hub id: its config only). target: "trace", "eval",
     "merge", or a plugin's name with its `footprint` (Plugin.footprint) and configured `options`. `sets`:
     the data ({"forget": rows, "retain": rows}), measured with the model's processor; without it `tokens`
     text tokens and `rows` rows per set are assumed. dtype "auto": the config's. `memory`: the device's
-    free bytes (for checkpointing=auto)."""
+    free bytes (for checkpointing=auto). `device_map` (a strategy or {module: device}) with `max_memory`:
+    the weights split per device as the map places them (Plan.placement, per_device)."""
+    result = _plan_for(target, model, dtype=dtype, device=device, footprint=footprint, options=options, sets=sets,
+                       batch_size=batch_size, grads=grads, tokens=tokens, rows=rows, memory=memory,
+                       trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        result.placement = weights_per_device(result.model, device_map, max_memory)
+        result.assumed.append("with the device map, everything but the weights on its execution device "
+                              f"({result.main_device})")
+    return result
+
+
+def weights_per_device(model: Sized, device_map: str | dict, max_memory: Mapping | None = None) -> dict[str, int]:
+    """Weight bytes per device ("cuda:N", "cpu", "disk") as `device_map` places `model`'s parameters: a map
+    {module: device} by each parameter's longest module prefix ("" is the whole model); a strategy (auto,
+    balanced, sequential) as accelerate infers it on the meta model from `max_memory` (default: the
+    devices' free memory)."""
+    if isinstance(device_map, str):
+        import logging
+
+        from accelerate import infer_auto_device_map
+        from accelerate.utils import get_balanced_memory
+
+        no_split = list(getattr(model.model, "_no_split_modules", None) or [])
+        budget = dict(max_memory) if max_memory else None
+        quiet = logging.getLogger("accelerate.utils.modeling")
+        level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # "device N is not available": a plan for elsewhere
+        try:
+            if device_map != "sequential" and torch.cuda.is_available():  # without GPUs here: filled in order
+                budget = get_balanced_memory(model.model, max_memory=budget, no_split_module_classes=no_split)
+            device_map = infer_auto_device_map(model.model, max_memory=budget, no_split_module_classes=no_split)
+        finally:
+            quiet.setLevel(level)
+    placed: dict[str, int] = {}
+    for name, numel in model.numel.items():
+        owner = max((key for key in device_map if key == "" or name == key or name.startswith(key + ".")),
+                    key=len, default=None)
+        if owner is None:
+            raise MmeditError(f"the device map places no module that holds {name}")
+        label = device_label(device_map[owner])
+        placed[label] = placed.get(label, 0) + numel * model.element
+    return placed
+
+
+def device_label(device) -> str:
+    """A device map's value as a device name: a GPU index N -> "cuda:N"; "cpu" and "disk" as they are."""
+    return f"cuda:{device}" if type(device) is int else str(device)
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """--max-memory "0=20GiB,1=20GiB,cpu=60GiB" -> {0: bytes, 1: bytes, "cpu": bytes}: per device (a GPU
+    index N or cuda:N, cpu, disk) the most the device map strategy may place there."""
+    budget: dict[int | str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, size = (piece.strip() for piece in item.partition("="))
+        if key.startswith("cuda:") and key[5:].isdigit():
+            key = key[5:]
+        if not sep or not (key.isdigit() or key in ("cpu", "disk")):
+            raise MmeditError(f"--max-memory {text!r}: write DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=60GiB "
+                              "(a device is a GPU index N, cuda:N, cpu or disk)")
+        device = int(key) if key.isdigit() else key
+        if device in budget:
+            raise MmeditError(f"--max-memory {text!r}: {key} given twice")
+        try:
+            budget[device] = parse_bytes(size)
+        except MmeditError as error:
+            raise MmeditError(f"--max-memory {text!r}: {error}") from None
+    if not budget:
+        raise MmeditError(f"--max-memory {text!r}: no DEVICE=SIZE pair (e.g. 0=20GiB,cpu=60GiB)")
+    return budget
+
+
+def _plan_for(target: str, model: str, *, dtype: str, device: str, footprint, options, sets, batch_size, grads,
+              tokens: int, rows: int, memory: int | None, trust_remote_code: bool) -> Plan:
     from mmedit.loading import _config, _processor
 
     source, loading_options, config = _config(model, trust_remote_code)
@@ -429,10 +522,40 @@ def preflight(target: str, model: str, *, device: str, dtype: str = "auto", **op
     memory; returns the plan."""
     from mmedit.loading import resolve_device
 
+    device_map, max_memory = options.pop("device_map", None), options.pop("max_memory", None)
+    if device_map is not None:
+        return _preflight_placed(target, model, device=device, dtype=dtype, device_map=device_map,
+                                 max_memory=max_memory, **options)
     where = resolve_device(device)
     free = available_bytes(str(where))
     result = plan_for(target, model, dtype=dtype, device=where.type, memory=free, **options)
     check_fits(result, free)
+    return result
+
+
+def _preflight_placed(target: str, model: str, *, device: str, dtype: str, device_map, max_memory=None,
+                      **options) -> Plan:
+    """preflight with a device map: each device it uses checked against its free memory (disk is not). A
+    --max-memory bound is the most weight a strategy places on a device, met by construction; what runs
+    there besides (activations, gradients, the runtime) may need more, up to the free memory."""
+    from mmedit.loading import check_placement
+
+    check_placement(device, device_map, max_memory)
+    gpus = [value for value in device_map.values() if type(value) is int] if isinstance(device_map, dict) else \
+        [0] if torch.cuda.is_available() else []
+    main = device_label(gpus[0]) if gpus else "cpu"
+    result = plan_for(target, model, dtype=dtype, device="cuda" if gpus else "cpu", device_map=device_map,
+                      max_memory=max_memory, memory=available_bytes(main), **options)
+    for label, needed in result.per_device.items():
+        if label == "disk":
+            continue
+        budget = available_bytes(label)
+        if needed > budget:
+            weights = result.placement.get(label, 0)
+            raise MmeditError(f"{target} needs about {human(needed)} on {label} with this device map "
+                              f"({human(weights)} of weights), {human(budget)} available; move modules off {label} "
+                              "(a lower --max-memory for it, or a device map file), lower --batch-size or --set "
+                              "checkpointing=on")
     return result
 
 

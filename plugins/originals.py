@@ -25,6 +25,16 @@ from mmedit.errors import MmeditError
 MIN_SPILL = 1 << 20  # bytes: on a CPU, kept values this large go to a temporary file
 
 
+def resident(what: str, params: Mapping[str, torch.Tensor]) -> None:
+    """Refuse to edit a parameter that accelerate offloaded (on the meta device between forwards, its values
+    in CPU memory or on disk): its gradient, update and kept values would have nowhere to live."""
+    offloaded = next((name for name, param in params.items() if param.is_meta), None)
+    if offloaded is not None:
+        raise MmeditError(f"{what}: {offloaded} is offloaded by the device map (its values live in CPU memory or on "
+                          "disk between forwards), so it cannot be edited; keep its module resident with a larger "
+                          "--max-memory or a --device-map that puts it on a device")
+
+
 @dataclass
 class _Kept:
     """One keep: the values before the change, where they sit (axis + index, mask, or the whole tensor)."""
@@ -73,6 +83,7 @@ class Originals(Mapping):
         `mask` of its shape) before they change. Call it before every change; values kept earlier win."""
         if name not in self.params:
             raise MmeditError(f"keep: {name} is not a parameter of the declared parts (a plugin bug)")
+        resident("edit", {name: self.params[name]})
         if name not in self.kept and self.params[name]._version != self._versions[name]:
             raise MmeditError(f"keep: {name} changed before it was kept (a plugin bug: keep before changing)")
         with torch.no_grad():

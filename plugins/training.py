@@ -46,9 +46,11 @@ import torch
 
 from mmedit.data.batches import FORMS as BATCH_FORMS
 from mmedit.errors import MmeditError
+from mmedit.loading import input_device
 from mmedit.modelstate import preserved
 from mmedit.plugins import losses
 from mmedit.plugins.base import Job, Plugin, option, require
+from mmedit.plugins.originals import resident
 from mmedit.progress import track
 
 # `mmedit apply --log-dir`: the TensorBoard log every training step inside `logging_to` writes to.
@@ -343,7 +345,7 @@ class Passes:
     def __init__(self, job: Job, reference_model: torch.nn.Module | None = None):
         self.job, self.model = job, job.model
         self.params = dict(self.model.named_parameters())
-        self.device = next(self.model.parameters()).device
+        self.device = input_device(self.model)  # a dispatched model's execution device
         self.reference_model = reference_model
         self.reference_residual = None
         if reference_model is not None:
@@ -425,6 +427,7 @@ class Trainer(Passes):
         self.selections: dict[str, Selection] = dict(method.selections(self, config))
         for kind, selection in self.selections.items():
             selection.check(self.params, f"{method.name}: {kind} selection")
+            resident(method.name, {name: self.params[name] for name in selection.masks})
         self.trainables = {kind: [Trainable(name, self.params[name], *selection.where(name)) for name in selection.masks]
                            for kind, selection in self.selections.items()}
         self._compact: dict[int, Trainable] = {}  # the running step's compact trainables, by id(parameter)

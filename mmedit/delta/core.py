@@ -20,6 +20,7 @@ from mmedit.delta import fileformat
 from mmedit.delta.change import Change, adds_nonfinite, bits, encode
 from mmedit.delta.names import base_name, find, locate, model_tensors, unwrap, weights
 from mmedit.errors import MmeditError
+from mmedit.loading import offloaded_values
 
 WRITER_KEYS = ("format", "format_version", "tensors", "counts", "checksum")  # the writer owns these
 # Per bare model, (checksum, source) of the deltas applied to it in this process, oldest first. A model
@@ -115,7 +116,8 @@ class Delta:
         tensors, changes = model_tensors(model), {}
         with torch.no_grad():
             for name, indices in rows.items():
-                tensor, axis = find(tensors, name, "zeroed_rows"), (axes or {}).get(name, 0)
+                tensor = offloaded_values(model, find(tensors, name, "zeroed_rows"), name)  # where its values live
+                axis = (axes or {}).get(name, 0)
                 if not 0 <= axis < tensor.dim():
                     raise MmeditError(f"{name}: axis {axis} out of range for shape {list(tensor.shape)}")
                 index = torch.as_tensor(indices, dtype=torch.int64).flatten().unique()
@@ -258,8 +260,7 @@ class Delta:
             if target.shape != change.shape or target.dtype != change.dtype:
                 raise MmeditError(f"{self.source}: {name} is {target.dtype}{list(target.shape)} in the model "
                                   f"but {change.dtype}{list(change.shape)} in the delta")
-            if target.device.type == "meta":
-                raise MmeditError(f"{self.source}: {name} is on the meta device; load the weights first")
+            target = offloaded_values(model, target, f"{self.source}: {name}")  # the values, where they live
             if change.kind == "elements" and not target.is_contiguous():
                 raise MmeditError(f"{self.source}: {name} is not contiguous in memory; element edits need it to be")
             device = target.device

@@ -84,7 +84,7 @@ class Accumulator:
         z = values.detach().reshape(-1, width)
         g = None if grads is None else grads.detach().reshape(-1, width)
         groups = tuple(masks)
-        weights = torch.stack([masks[group].reshape(-1) for group in groups]).to(torch.float64)
+        weights = torch.stack([masks[group].reshape(-1) for group in groups]).to(z.device, torch.float64)
         count = weights.sum(dim=1, keepdim=True)
 
         def wide(x: torch.Tensor) -> torch.Tensor:  # a float64 copy, free to change in place

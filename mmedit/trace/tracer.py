@@ -68,11 +68,13 @@ def nnsight_view(model):
     """nnsight's view of `model`; on exit the model is a plain torch module again.
 
     Wrapping installs a per-module `forward` controller and state that outlive the wrapper;
-    removing them keeps later plain use (deepcopy, deltas, training) free of tracing machinery.
+    removing them keeps later plain use (deepcopy, deltas, training) free of tracing machinery. A forward
+    that was there before (accelerate's device hooks, which nnsight applies itself meanwhile) is put back.
     """
     import nnsight  # lazy: importing nnsight patches torch, keep it off non-tracing paths
     from nnsight.intervention.source import Controller
 
+    own = {module: module.__dict__["forward"] for module in model.modules() if "forward" in module.__dict__}
     try:
         yield nnsight.NNsight(model)
     finally:
@@ -80,6 +82,8 @@ def nnsight_view(model):
             if isinstance(module.__dict__.get("forward"), Controller):
                 del module.__dict__["forward"]
             module.__dict__.pop("__nnsight__", None)
+        for module, forward in own.items():
+            module.__dict__["forward"] = forward
 
 
 def read_sites(wrapped, sites, inputs: dict) -> tuple[list[torch.Tensor], object]:
@@ -188,12 +192,14 @@ def trace(
     if bad_groups:
         raise MmeditError(f"unknown position group(s) {', '.join(sorted(bad_groups))}; groups are {', '.join(GROUPS)}")
     parameters = dict(model.named_parameters())
-    missing = [name for name in fisher_params if name not in parameters]
+    missing = [name for name in fisher_params if name not in parameters or parameters[name].is_meta]
     if missing:
-        raise MmeditError(f"Fisher parameter not in the model: {missing[0]}")
+        raise MmeditError(f"Fisher parameter not in the model, or offloaded (on the meta device: keep it resident "
+                          f"with --max-memory or the device map): {missing[0]}")
     fisher_tensors = [parameters[name] for name in fisher_params]
     need_backward = grads or bool(fisher_params)
-    device = next(model.parameters()).device
+    device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)  # a dispatched model's
+    device = next(model.parameters()).device if device is None else torch.device(device)
 
     accumulator = Accumulator(tau)
     seen_sites: dict[str, object] = {}
