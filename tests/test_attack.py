@@ -335,6 +335,7 @@ def test_probe_reads_the_trained_attributes_from_the_base_and_loses_what_ga_forg
         assert values["layers"][0]["base"]["forget"] <= values["chance"]["forget"] + 0.05  # embeddings: chance
         assert values["rows"] == {"train": 800, "forget": 100, "retain": 100}
         assert best["edited"]["retain"] > 0.9  # the control people are still read
+        assert values["kept"] == best["kept"] and values["layers"][0]["kept"]["forget"] is None  # 0: at chance
     # GA forgot the image form only (forget VQA 66 %, QA 100 %): measured kept 0.44 (image) and 1.00 (text)
     assert attack["forms"]["Image_Textual"]["kept"]["forget"] < 0.7
     assert attack["forms"]["Pure_Text"]["kept"]["forget"] > 0.9

@@ -101,8 +101,9 @@ def probe_table(result: dict) -> Table | None:
         "accuracy in % of a per-layer probe predicting the answer from the last prompt token's hidden state, fitted "
         "on the base model's states of other retain people; forget / retain: the forget people and the held-out "
         "retain people in each model; layer 0 = the embeddings; chance (forget / retain people): the most frequent "
-        "training answer per question; * = the layer chosen by the base model's retain accuracy; kept = (edited - chance) / (base - chance) there: 1 = the edit hid "
-        "the answers but they are still readable, 0 = no better than chance"))
+        "training answer per question; * = the layer chosen by the base model's retain accuracy; kept = (edited "
+        "forget - chance) / (base forget - chance) per layer: 1 = the edit hid the answers but they are still "
+        "readable there, 0 = no better than chance; - where the base is within --min-gap of chance"))
     for column in ("form", "layer", "chance f / r", "base forget", "edited forget", "base retain", "edited retain",
                    "kept"):
         grid.add_column(column, justify="left" if column in ("form", "layer") else "right")
@@ -113,7 +114,7 @@ def probe_table(result: dict) -> Table | None:
             grid.add_row(SHORT_FORMS.get(form, form), f"{entry['layer']}{' emb' if entry['layer'] == 0 else ''}"
                          f"{' *' if best else ''}", chance, _percent(entry["base"]["forget"]),
                          _percent(entry["edited"]["forget"]), _percent(entry["base"]["retain"]),
-                         _percent(entry["edited"]["retain"]), _ratio(values["kept"]["forget"]) if best else "")
+                         _percent(entry["edited"]["retain"]), _ratio(entry["kept"]["forget"]))
         grid.add_section()
     return grid
 

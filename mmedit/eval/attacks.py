@@ -300,7 +300,7 @@ def _probe(context: _Context, sets, control) -> dict:
     return {"method": f"multinomial logistic regression per layer on standardised hidden states (last prompt "
                       f"token), L2 {settings.probe_decay}, {settings.probe_steps} L-BFGS iterations; fitted on the "
                       "base model only", "label": "the normalised correct answer (the chosen option for multiple "
-                      "choice)", "chance": "the most frequent training label per image-form question",
+                      "choice); only labels two or more training people share are learnt", "chance": "the most frequent training label per image-form question",
             "layer_choice": "best_layer: the highest base accuracy on the held-out retain people (the control), "
                             "not on the forget people; attacker_best_layer: the highest edited forget accuracy",
             "people": {group: sorted({row.entity for row in rows}) for group, rows in groups.items()},

@@ -168,8 +168,8 @@ def score(states: dict[str, dict], groups: dict[str, Sequence[Row]], weight_deca
           min_gap: float = 0.05, progress: bool = True) -> dict:
     """Per form: a probe per layer fitted on states["base"][form]["train"], its accuracy on the forget and
     control people in the base and the edited model, chance, and the layer chosen by the control people's
-    base accuracy (not by the scored forget people). "kept" = (edited - chance) / (base - chance) at that
-    layer: 1 = the probe reads the forget people as well as before, 0 = no better than chance."""
+    base accuracy (not by the scored forget people). "kept" = (edited - chance) / (base - chance), per layer
+    and at that layer: 1 = the probe reads the forget people as well as before, 0 = no better than chance."""
     rows = {group: prompts(found) for group, found in groups.items()}
     out, data = {}, {}
     for form in states["base"]:
@@ -196,14 +196,14 @@ def score(states: dict[str, dict], groups: dict[str, Sequence[Row]], weight_deca
         for model in ("base", "edited"):
             entry[model] = {group: _accuracy(probe.predict(states[model][form][group][layer][known[group]]),
                                              truth[group]) for group in SCORED}
+        entry["kept"] = {group: attack_metrics.kept(entry["base"][group], entry["edited"][group],
+                                                    out[form]["chance"][group], min_gap) for group in SCORED}
         out[form]["layers"].append(entry)
     for values in out.values():
         layers = values["layers"]
         best = max(layers, key=lambda entry: (_value(entry["base"]["retain"]), -entry["layer"]))
         strongest = max(layers, key=lambda entry: (_value(entry["edited"]["forget"]), -entry["layer"]))
-        values.update(best_layer=best["layer"], attacker_best_layer=strongest["layer"], kept={
-            group: attack_metrics.kept(best["base"][group], best["edited"][group], values["chance"][group], min_gap)
-            for group in SCORED})
+        values.update(best_layer=best["layer"], attacker_best_layer=strongest["layer"], kept=best["kept"])
     return out
 
 
