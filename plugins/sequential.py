@@ -13,9 +13,10 @@ the K deltas in order and reverting them last first gives the base back bit for 
 
 After request k the forget people fall in three views, each scored against the base on the same rows:
 `forget_done` (groups 1..k: is what was forgotten still forgotten?), `forget_current` (group k) and
-`forget_later` (groups k+1..K: collateral damage on people not asked for yet); `retain` is a seeded
-sample of the retain people. The run lives among the shared plugin modules because it runs plugins
-(through apply_plugin and the registry, never a plugin module), and the CLI sits on top of it.
+`forget_later` (groups k+1..K: collateral damage on people not asked for yet); and each group alone
+(`group_1`..`group_K`). `retain` is a seeded sample of the retain people. The run lives among the shared
+plugin modules because it runs plugins (through apply_plugin and the registry, never a plugin module),
+and the CLI sits on top of it.
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def check(name: str, forget_rows: Sequence, retain_rows: Sequence | None, reques
 
 def views(records: Sequence, groups: Sequence[Sequence[str]], request: int, union: bool = False) -> dict:
     """{view: {form: {metric: mean}}} of evaluation records (splits "forget" and "retain") after `request`
-    requests (0: the base); `union`: the one-shot control, which has no current group."""
+    requests (0: the base), then each group on its own ("group_1".."group_K": does request 1's person
+    stay forgotten after request 5?); `union`: the one-shot control, which has no current group."""
     group_of = {person: number for number, group in enumerate(groups, 1) for person in group}
     relabelled = []
     for record in records:
@@ -82,10 +84,11 @@ def views(records: Sequence, groups: Sequence[Sequence[str]], request: int, unio
             raise MmeditError(f"{record.entity} was evaluated as a forget person but is in no group")
         else:
             names = (["forget_done"] if number <= request else ["forget_later"]) + (
-                ["forget_current"] if number == request and not union else [])
+                ["forget_current"] if number == request and not union else []) + [f"group_{number}"]
             relabelled += [dataclasses.replace(record, split=name) for name in names]
     table = summarise(relabelled)
-    return {view: table[view] for view in VIEWS if view in table}
+    order = [*VIEWS, *(f"group_{number}" for number in range(1, len(groups) + 1))]
+    return {view: table[view] for view in order if view in table}
 
 
 def run_requests(name: str, model, processor, forget_rows: Sequence, retain_rows: Sequence | None, requests: int,

@@ -73,8 +73,10 @@ def test_views_after_request_k_are_the_groups_so_far_the_current_one_and_the_lat
     assert after_two["forget_current"]["Pure_Text"]["choice_acc"] == pytest.approx(0.75)  # b, c
     assert after_two["forget_later"]["Pure_Text"]["choice_acc"] == 1.0  # d
     assert after_two["retain"]["Pure_Text"]["choice_acc"] == 0.25
-    assert set(views(records, groups, 0)) == {"forget_later", "retain"}  # the base: nothing done yet
-    assert set(views(records, groups, 3, union=True)) == {"forget_done", "retain"}  # the union has no current group
+    assert [after_two[f"group_{number}"]["Pure_Text"]["choice_acc"] for number in (1, 2, 3)] == [0.0, 0.75, 1.0]
+    each = {"group_1", "group_2", "group_3"}
+    assert set(views(records, groups, 0)) == {"forget_later", "retain"} | each  # the base: nothing done yet
+    assert set(views(records, groups, 3, union=True)) == {"forget_done", "retain"} | each  # no current group
 
 
 def test_a_delta_with_stacks_on_applies_only_right_after_those_deltas():
@@ -153,7 +155,9 @@ def test_metrics_after_every_request_and_for_the_union(ran):
     groups, sequence = record["groups"], record["sequence"]
     assert [row["request"] for row in sequence] == [1, 2] and [row["people"] for row in sequence] == groups
     first, second = (row["results"]["edited"] for row in sequence)
-    assert first["forget_done"] == first["forget_current"] and "forget_later" in first
+    assert first["forget_done"] == first["forget_current"] == first["group_1"] and "forget_later" in first
+    assert second["group_2"] == second["forget_current"] and "forgetting_rate" in \
+        sequence[1]["comparison"]["group_1"]["Image_Textual"]["choice_acc"]  # request 1's group after request 2
     assert "forget_later" not in second and {"forget_done", "forget_current", "retain"} <= set(second)
     for row in sequence:
         for view in ("forget_done", "forget_current"):
@@ -166,7 +170,7 @@ def test_metrics_after_every_request_and_for_the_union(ran):
     union = record["union"]
     assert union["request"] is None and union["people"] == [p for group in groups for p in group]
     assert union["delta"]["stacks_on"] == [] and result.union.provenance["sequential"]["union_of"] == 2
-    assert set(union["results"]["edited"]) == {"forget_done", "retain"}
+    assert set(union["results"]["edited"]) == {"forget_done", "retain", "group_1", "group_2"}
     assert len(record["evaluated"]["retain"]) == 2 and record["evaluated"]["forget"] == sorted(sum(groups, []))
 
 
