@@ -18,7 +18,8 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail -5 "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, nnsight; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
-timeout 330 python3 -m pytest tests/test_gpu.py tests/test_losses.py tests/test_trace_stats.py -q -p no:cacheprovider \
+timeout 330 python3 -m pytest tests/test_gpu.py tests/test_losses.py tests/test_trace_stats.py \
+    "tests/test_device_map.py::test_gpu_map_with_cpu_offload" -q -p no:cacheprovider \
     -o addopts="" -x 2>&1 | grep -vE "[Ww]arning|warnings.warn" | tee "$OUT/gpu-tests.log" | tail -25
 timeout 150 python3 benchmarks/trace_overhead.py --device cuda --quick 2>&1 | tee "$OUT/trace-gpu.log" | tail -15
 timeout 60 python3 benchmarks/trace_overhead.py --device cuda --statistics-only 2>&1 | tee "$OUT/stats-gpu.log" | tail -8

@@ -75,7 +75,8 @@ def dispatched(tiny, device_map=DISK):
     """The tiny model loaded with `device_map`, checked to run through accelerate's hooks."""
     model, processor = load(tiny, device_map=device_map)
     assert model.hf_device_map == device_map and hasattr(model, "_hf_hook")
-    offloaded = [name for name, device in device_map.items() if device == "disk"]
+    beside_gpu = any(type(device) is int for device in device_map.values())  # then "cpu" is offload too
+    offloaded = [name for name, device in device_map.items() if device == "disk" or beside_gpu and device == "cpu"]
     for name in offloaded:
         module = model.get_submodule(name)
         assert all(p.is_meta for p in module.parameters()) and any(
@@ -178,6 +179,30 @@ def test_cpu_offloaded_weights_map_is_changed_in_place(tiny, plain, rows):
     assert torch.equal(held["weight"].view(torch.int32), before.view(torch.int32))
 
 
+def test_tied_weights_offloaded_to_disk_change_together(tmp_path):
+    """PaliGemma ties lm_head to the input embeddings; both modules offloaded to disk read the same file
+    entry, so the edited embedding must reach both (the logits of the edited plain model, exactly)."""
+    path = zoo.tiny("paligemma", root=tmp_path / "zoo")
+    plain, _ = load(path, device="cpu")
+    embeddings = f"{LLM}.embed_tokens.weight"
+    model, _ = dispatched(path, {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
+                                 f"{LLM}.embed_tokens": "disk", f"{LLM}.layers": "cpu", f"{LLM}.norm": "cpu",
+                                 f"{LLM}.rotary_emb": "cpu", "lm_head": "disk"})
+    assert model.lm_head.weight is model.get_parameter(embeddings) and model.lm_head.weight.is_meta
+    old = plain.get_parameter(embeddings).detach()
+    new = old.clone()
+    new[3:9] += 1.0
+    delta = Delta.from_changes({embeddings: (old, new)}, model=plain)
+    ids = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        with delta.applied(plain):
+            expected = plain(input_ids=ids).logits
+        with delta.applied(model):
+            assert torch.equal(model(input_ids=ids).logits, expected)
+        assert torch.equal(model(input_ids=ids).logits, base)
+
+
 def test_a_meta_tensor_no_hook_holds_is_refused(plain):
     with torch.device("meta"):
         bare = torch.nn.Linear(3, 2)
@@ -241,18 +266,43 @@ def test_training_the_projector_through_offloaded_attention(tiny, plain, rows):
     same_training(plain, dispatched(tiny, ATTENTION), "ga", options, rows)
 
 
-def test_training_an_offloaded_parameter_is_refused_in_one_line(tiny, rows):
+def test_training_an_offloaded_parameter_is_refused_in_one_line(tiny, plain, rows):
     model, processor = dispatched(tiny, ATTENTION)
     with pytest.raises(MmeditError, match=r"self_attn\.\w+_proj\.weight is offloaded by the device map .* "
                                           "--max-memory or a --device-map"):
         apply_plugin("ga", model, processor, rows[:2], rows[2:], {"parts": "llm", "max_steps": 1}, progress=False)
-    assert not any(p.requires_grad is False and p.grad is not None for p in model.parameters())
+    assert all(torch.equal(values(model)[n], p) for n, p in plain[0].named_parameters())  # nothing changed
 
 
 def test_evaluation_is_the_same(tiny, plain, rows):
     model, processor = dispatched(tiny)
     options = dict(batch_size=2, max_new_tokens=3, progress=False)
     assert evaluate(*plain, {"forget": rows}, **options) == evaluate(model, processor, {"forget": rows}, **options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh runs it)")
+def test_gpu_map_with_cpu_offload(tiny, plain, rows):
+    """On a GPU: modules on cuda:0, the projector and the second decoder layer offloaded to CPU memory. The
+    forward and the statistics match the CPU model to float tolerance (other kernels); a delta applies and
+    reverts bit for bit on the GPU parameters and in the offloaded ones' CPU weights maps."""
+    gpu_map = {name: "cpu" if device == "disk" else 0 for name, device in DISK.items()}
+    model, processor = dispatched(tiny, gpu_map)
+    assert input_device(model) == torch.device("cuda:0") and model.get_parameter(DOWN).is_meta
+    assert model.get_parameter(f"{LLM}.layers.0.mlp.up_proj.weight").device.type == "cuda"
+    assert torch.allclose(logits(model, processor, rows).cpu(), logits(*plain, rows), rtol=1e-4, atol=1e-4)
+    stats = []
+    for each, proc in (plain, (model, processor)):
+        batches = list(make_batches(rows, proc, form="multimodal", batch_size=2, with_answer=True))
+        stats.append(trace(each, batches, grads=True, progress=False))
+    for key, tensor in stats[0].tensors.items():
+        assert torch.allclose(tensor, stats[1].tensors[key].cpu(), rtol=1e-3, atol=1e-5), key
+    before = values(model)
+    delta = edit_delta(plain[0])
+    with delta.applied(model):
+        assert offloaded_values(model, model.get_parameter(DOWN), DOWN).device.type == "cpu"
+        assert not torch.equal(values(model)[DOWN], before[DOWN])
+    after = values(model)
+    assert all(torch.equal(after[name].cpu().view(torch.int32), t.cpu().view(torch.int32)) for name, t in before.items())
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------
