@@ -172,7 +172,9 @@ def check_placement(device: str, device_map: str | dict | None, max_memory: dict
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         resolve_device(device)  # the usual error
     for index in gpus + [key for key in (max_memory or {}) if type(key) is int] if here else ():
-        resolve_device(f"cuda:{index}")  # GPUs this machine lacks: one line
+        if index >= torch.cuda.device_count():  # GPUs this machine lacks
+            raise MmeditError(f"{shown} uses GPU {index}, but this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
 
 
 def _placement(device: str, device_map, max_memory, offload_dir) -> tuple[dict, torch.device | None, Path | None]:

@@ -334,6 +334,19 @@ def test_preflight_checks_each_device_of_the_map(tiny, monkeypatch):
     assert preflight("trace", str(tiny), device="auto", device_map=DISK).per_device["disk"] > 0
 
 
+def test_cli_plan_with_a_device_map(tiny, plain, files):
+    result = runner.invoke(app, ["plan", "trace", str(tiny), "--grads", "--device-map", str(files / "map.json"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)
+    expected = plan_for("trace", str(tiny), device="cpu", grads=True, device_map=DISK)
+    assert found["device_map"] == expected.placement and found["per_device"] == expected.per_device
+    assert found["fits"]["cpu"] is True and "disk" not in found["fits"]
+    table = runner.invoke(app, ["plan", "ga", str(tiny), "--device-map", "sequential", "--max-memory", "0=400KB,cpu=1GB"])
+    assert table.exit_code == 0 and "per device (execution on cuda:0)" in table.output  # a plan for GPUs not here
+    assert "cuda:0" in table.output and "390.6 KiB" in table.output  # the bound, beside the weights placed
+
+
 def test_max_memory_syntax():
     assert parse_max_memory("0=20GiB, cuda:1=1e9,cpu=60GB,disk=1TB") == {
         0: 20 << 30, 1: 10**9, "cpu": 60 * 10**9, "disk": 10**12}
@@ -420,6 +433,8 @@ def test_cli_eval_and_merge_with_a_map(tiny, plain, files, tmp_path):
     (None, ["--max-memory", "cpu=1GB"], "--max-memory bounds a --device-map strategy (auto, balanced, sequential)"),
     (None, ["--offload-dir", "somewhere"], "--offload-dir is where --device-map offloads to disk"),
     (None, ["--device-map", "everywhere"], "neither auto, balanced, sequential nor a JSON file"),
+    pytest.param({"model.vision_tower": "cuda:3", "": "cpu"}, [], "the device map uses GPU 3, but this machine has",
+                 marks=pytest.mark.skipif(torch.cuda.device_count() > 3, reason="this machine has a GPU 3")),
 ])
 @pytest.mark.parametrize("command", ["trace", "apply", "eval", "merge"])
 def test_cli_bad_placement_is_one_line_and_writes_nothing(tiny, files, tmp_path, content, extra, message, command):
