@@ -101,10 +101,9 @@ def _model_key(model: str) -> str:
 
 
 def _files(paths: dict) -> dict:
-    from mmedit.provenance import file_sha256
+    from mmedit.cli.eval import set_sha256
 
-    return {role: {"path": str(path), "sha256": file_sha256(path) if path.is_file() else None}
-            for role, path in paths.items()}
+    return {role: {"path": str(path), "sha256": set_sha256(path)} for role, path in paths.items()}
 
 
 @user_errors
