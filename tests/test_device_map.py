@@ -250,12 +250,26 @@ def test_rmu_trains_resident_mlps_through_offloaded_attention(tiny, plain, rows)
     same_training(plain, dispatched(tiny, ATTENTION), "rmu", options, rows)
 
 
-@pytest.mark.parametrize("name", ["ga", "graddiff", "npo"])
+@pytest.mark.parametrize("name", ["ga", "graddiff", "npo", "kl_min"])
 def test_training_plugins_on_a_dispatched_model(tiny, plain, rows, name):
     """The LLM trains (text rows) on a model whose vision tower and projector are offloaded to disk."""
     vision_off = {"model.vision_tower": "disk", "model.multi_modal_projector": "disk", LLM: "cpu", "lm_head": "cpu"}
     options = {"parts": "llm", "forms": "text", "max_steps": 2, "lr": 1e-3, "batch_size": 2}
     same_training(plain, dispatched(tiny, vision_off), name, options, rows)
+
+
+def test_mip_editor_through_offloaded_attention(tiny, plain, rows):
+    """MIP-Editor's path search, pruning and row-restricted training of the LLM's MLPs, attention offloaded."""
+    options = {"side": "text", "forms": "text", "layer": 1, "max_steps": 2, "batch_size": 2}
+    same_training(plain, dispatched(tiny, ATTENTION), "mip_editor", options, rows)
+
+
+def test_fisher_of_an_offloaded_parameter_is_refused(tiny, rows):
+    """MMUnlearner's saliency needs every weight of its scope resident: a Fisher parameter on meta is one line."""
+    model, processor = dispatched(tiny, ATTENTION)
+    batches = make_batches(rows, processor, form="text", batch_size=2, with_answer=True)
+    with pytest.raises(MmeditError, match=r"Fisher parameter not in the model, or offloaded .*layers\.0\.self_attn"):
+        trace(model, batches, fisher_params=[f"{LLM}.layers.0.self_attn.q_proj.weight"], progress=False)
 
 
 @pytest.mark.xfail(strict=True, reason="plugins/apply.py _watch compares (data_ptr, _version) of every tensor "
