@@ -3,6 +3,7 @@ valid options of every plugin, a sweep writes its front and a best point that `m
 reproduces, a stored study resumes (and refuses another setup), trials share statistics, bad input is one
 line. On the embedded model with small sets: a few seconds per trial."""
 import json
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -208,6 +209,10 @@ def test_sweep_writes_its_front_and_a_best_point_that_apply_reproduces_then_resu
     changed = invoke(*common[:-len(FAST)], "--set", "max_steps=3", *FAST[2:], "--budget", 1,
                      "--out", tmp_path / "s3.json")
     assert "holds a sweep of another fixed options" in one_error_line(changed)
+    shutil.copytree(model, tmp_path / "same-weights-elsewhere")
+    moved = invoke("sweep", "ga", tmp_path / "same-weights-elsewhere", *common[3:], "--budget", 1,
+                   "--out", tmp_path / "s3.json")
+    assert "holds a sweep of another model (" in one_error_line(moved)
     assert not (tmp_path / "s3.json").exists() and (tmp_path / "sweep.db").read_bytes() == db
 
 
