@@ -27,15 +27,20 @@ _CARD_BEGIN = "\n<!-- mmedit deltas: begin -->\n"
 _CARD_END = "<!-- mmedit deltas: end -->\n"
 
 
-def load(base, deltas: Iterable = (), *, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False,
-         allow_nonfinite: bool = False) -> torch.nn.Module:
-    """`mmedit.load(base, deltas=[...])`: a model (or checkpoint path / hub id) with deltas applied in order.
+def load(base, deltas: Iterable = (), *, device: str | None = None, dtype: str = "auto", trust_remote_code: bool = False,
+         allow_nonfinite: bool = False, device_map: str | dict | None = None, max_memory: dict | None = None,
+         offload_dir: str | Path | None = None) -> torch.nn.Module:
+    """`mmedit.load(base, deltas=[...])`: a model (or checkpoint path / hub id) with deltas applied in order;
+    `device_map` (with `max_memory`, `offload_dir`) dispatches it as mmedit.loading.load_model does, the
+    deltas written where each parameter lives. `device`: cpu by default, auto with a device map (or agreeing
+    with the map).
 
     All or nothing: if one delta does not fit, those already applied are reverted before the error.
     """
     deltas = [delta if isinstance(delta, Delta) else Delta.load(delta) for delta in deltas]
     model = base if isinstance(base, torch.nn.Module) else load_model(
-        base, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        base, device=device or ("auto" if device_map is not None else "cpu"), dtype=dtype,
+        trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory, offload_dir=offload_dir)
     applied = []
     try:
         for delta in deltas:

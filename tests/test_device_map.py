@@ -211,6 +211,16 @@ def test_a_meta_tensor_no_hook_holds_is_refused(plain):
         delta.apply(bare)
 
 
+def test_mmedit_load_with_deltas_and_a_device_map(tiny, plain, rows, tmp_path):
+    import mmedit
+
+    path = edit_delta(plain[0]).save(tmp_path / "edit.safetensors")
+    model = mmedit.load(tiny, deltas=[path], device_map=DISK)
+    assert model.hf_device_map == DISK and model.get_parameter(DOWN).is_meta
+    with Delta.load(path).applied(plain[0]):
+        assert all(torch.equal(values(model)[name], p) for name, p in plain[0].named_parameters())
+
+
 def test_merge_with_a_device_map_writes_the_plain_bytes(tiny, plain, tmp_path):
     path = edit_delta(plain[0]).save(tmp_path / "edit.safetensors")
     merge(tiny, [path], tmp_path / "plain", progress=False)
