@@ -305,10 +305,11 @@ def test_evaluation_is_the_same(tiny, plain, rows):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh runs it)")
-def test_gpu_map_with_cpu_offload(tiny, plain, rows):
+def test_gpu_map_with_cpu_offload(tiny, plain, rows, monkeypatch):
     """On a GPU: modules on cuda:0, the projector and the second decoder layer offloaded to CPU memory. The
     forward and the statistics match the CPU model to float tolerance (other kernels); a delta applies and
     reverts bit for bit on the GPU parameters and in the offloaded ones' CPU weights maps."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch embedding in float32 as on the CPU
     gpu_map = {name: "cpu" if device == "disk" else 0 for name, device in DISK.items()}
     model, processor = dispatched(tiny, gpu_map)
     assert input_device(model) == torch.device("cuda:0") and model.get_parameter(DOWN).is_meta
@@ -318,8 +319,9 @@ def test_gpu_map_with_cpu_offload(tiny, plain, rows):
     for each, proc in (plain, (model, processor)):
         batches = list(make_batches(rows, proc, form="multimodal", batch_size=2, with_answer=True))
         stats.append(trace(each, batches, grads=True, progress=False))
-    for key, tensor in stats[0].tensors.items():
-        assert torch.allclose(tensor, stats[1].tensors[key].cpu(), rtol=1e-3, atol=1e-5), key
+    for key, tensor in stats[0].tensors.items():  # "active" counts |z| > tau: a value at tau may flip by one
+        tolerance = dict(rtol=0, atol=1.0) if key.endswith("/active") else dict(rtol=1e-3, atol=1e-5)
+        assert torch.allclose(tensor, stats[1].tensors[key].cpu(), **tolerance), key
     before = values(model)
     delta = edit_delta(plain[0])
     with delta.applied(model):
