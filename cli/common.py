@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Annotated, Callable
 
@@ -82,6 +83,18 @@ def placement(device: str, device_map: str | None, max_memory: str | None, offlo
     return {"device_map": mapped, "max_memory": budget, "offload_dir": offload_dir}
 
 
+def placement_note(model) -> str:
+    """One line: how many of the dispatched model's modules went to each device (offloaded ones marked)."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    gpus = any(type(device) is int or str(device).startswith("cuda") for device in placed.values())
+    counts: dict[str, int] = {}
+    for device in placed.values():
+        label = f"cuda:{device}" if type(device) is int else str(device)
+        label += " (offloaded)" if device == "disk" or device == "cpu" and gpus else ""
+        counts[label] = counts.get(label, 0) + 1
+    return "device map: " + ", ".join(f"{count} module(s) on {label}" for label, count in counts.items())
+
+
 def check_memory(target: str, model: str, *, ignore: bool, device: str, dtype: str = "auto",
                  placed: dict | None = None, **options) -> None:
     """Refuse, before any weights load, a run whose memory plan (mmedit.plan.preflight: the config only)
@@ -114,7 +127,11 @@ def load_model(model: str, device: str, dtype: str, trust_remote_code: bool, thr
 
     if threads:
         torch.set_num_threads(threads)
+    if placed:  # accelerate's "some parameters are on the meta device" warning: the note below says where
+        logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     loaded, processor = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **(placed or {}))
+    if placed:
+        err.print(placement_note(loaded), highlight=False, markup=False)
     if not threads and input_device(loaded).type == "cpu" and \
             sum(p.numel() for p in loaded.parameters()) < SMALL_MODEL:
         torch.set_num_threads(1)
