@@ -410,6 +410,7 @@ def test_cli_trace_with_a_strategy_and_max_memory(tiny, files, tmp_path, monkeyp
     mapped = runner.invoke(app, common + ["--out", str(tmp_path / "mapped.safetensors"), "--device-map",
                                           "sequential", "--max-memory", "cpu=400KB"])
     assert plain.exit_code == 0 and mapped.exit_code == 0, mapped.output
+    assert "device map: 2 module(s) on cpu, 2 module(s) on disk (offloaded)" in mapped.output
     first, second = (TraceStats.load(tmp_path / f"{name}.safetensors") for name in ("plain", "mapped"))
     assert first.tensors.keys() == second.tensors.keys()
     assert all(torch.equal(tensor, second.tensors[key]) for key, tensor in first.tensors.items())
