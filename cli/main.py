@@ -32,9 +32,9 @@ def root() -> None:
 
 
 # Command modules, each with register(app). Importing them is cheap: torch loads inside commands.
-from mmedit.cli import apply, attack, data, delta, demo, eval, export, info, paths, plan, trace, zoo  # noqa: E402
+from mmedit.cli import apply, attack, data, delta, demo, eval, export, info, paths, plan, report, sequential, sweep, trace, zoo  # noqa: E402
 
-for module in (apply, attack, data, delta, demo, eval, export, info, paths, plan, trace, zoo):
+for module in (apply, attack, data, delta, demo, eval, export, info, paths, plan, report, sequential, sweep, trace, zoo):
     module.register(app)
 
 

@@ -13,8 +13,8 @@ from mmedit.cli.main import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # The order examples run in: each may use what the tour and the commands before it wrote.
-ORDER = ["data synth", "data show", "zoo", "trace", "plugins", "apply", "paths find", "paths show", "eval",
-         "attack", "merge", "revert", "diff", "inspect", "export", "plan", "version"]
+ORDER = ["data synth", "data show", "zoo", "trace", "plugins", "apply", "sweep", "paths find", "paths show", "eval",
+         "attack", "report", "sequential", "merge", "revert", "diff", "inspect", "export", "plan", "version"]
 LEFT_TO_THEIR_OWN_TESTS = {"demo"}
 
 
