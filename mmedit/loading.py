@@ -163,6 +163,9 @@ def check_placement(device: str, device_map: str | dict | None, max_memory: dict
     if device == "cpu" and gpus:
         raise MmeditError(f"--device cpu contradicts {shown}, which puts modules on GPU {gpus[0]}; leave --device "
                           "at auto or drop --device-map")
+    if device.startswith("cuda:") and isinstance(device_map, str):
+        raise MmeditError(f"--device {device} contradicts {shown}, which picks the GPUs itself; leave --device at "
+                          f"auto and bound the GPUs with --max-memory (e.g. {device[5:]}=40GiB,cpu=100GiB)")
     if device.startswith("cuda") and not gpus:
         raise MmeditError(f"--device {device} contradicts {shown}, which keeps every module on the CPU or disk; "
                           "leave --device at auto")
@@ -244,6 +247,8 @@ def offloaded_values(model: torch.nn.Module, tensor: torch.Tensor, what: str) ->
 
 
 def _in_memory(weights_map, key: str, tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """The tensor in CPU memory that `weights_map` serves for `key` (a PrefixedDataset over accelerate's
+    OffloadedWeightsLoader, or cpu_offload's plain dict): a disk entry is read in once and served from then on."""
     from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
 
     while isinstance(weights_map, PrefixedDataset):

@@ -460,6 +460,7 @@ def test_cli_eval_and_merge_with_a_map(tiny, plain, files, tmp_path):
     (None, ["--max-memory", "cpu=1GB"], "--max-memory bounds a --device-map strategy (auto, balanced, sequential)"),
     (None, ["--offload-dir", "somewhere"], "--offload-dir is where --device-map offloads to disk"),
     (None, ["--device-map", "everywhere"], "neither auto, balanced, sequential nor a JSON file"),
+    (None, ["--device-map", "balanced", "--device", "cuda:1"], "contradicts --device-map balanced, which picks"),
     pytest.param({"model.vision_tower": "cuda:3", "": "cpu"}, [], "the device map uses GPU 3, but this machine has",
                  marks=pytest.mark.skipif(torch.cuda.device_count() > 3, reason="this machine has a GPU 3")),
 ])
