@@ -11,13 +11,6 @@ from mmedit.safefile import save_figure
 from mmedit.trace import TraceStats
 
 
-def importance(stats: TraceStats, site: str, form: str, group: str) -> torch.Tensor:
-    """|mean(g*z)| (first-order effect on the loss) when gradients were traced, else mean |z|."""
-    if stats.has_gradients(site):
-        return stats.grad_mean_z(site, form, group).abs()
-    return stats.mean_abs(site, form, group)
-
-
 def site_group(site: dict, group: str) -> str:
     """Vision and projector sites only have the 'all' group."""
     return group if site["part"] == "llm" else "all"
@@ -33,7 +26,7 @@ def top_table(stats: TraceStats, form: str, group: str, k: int) -> Table:
         name, used_group = site["name"], site_group(site, group)
         if f"{name}/{form}/{used_group}/n" not in stats.tensors or stats.count(name, form, used_group) == 0:
             continue
-        score = importance(stats, name, form, used_group)
+        score = stats.importance(name, form, used_group)
         mean = stats.mean(name, form, used_group)
         mean_abs = stats.mean_abs(name, form, used_group)
         var = stats.var(name, form, used_group)
@@ -73,7 +66,7 @@ def heatmap(stats: TraceStats, form: str, group: str, path: str | Path, force: b
         width = max(site["width"] for site in sites)
         grid = torch.full((len(sites), width), float("nan"))
         for row, site in enumerate(sites):
-            score = importance(stats, site["name"], form, site_group(site, group)).float()
+            score = stats.importance(site["name"], form, site_group(site, group)).float()
             grid[row, : score.numel()] = score / score.max().clamp_min(1e-12)
         image = axis.imshow(grid.numpy(), aspect="auto", interpolation="nearest", cmap="magma", vmin=0, vmax=1)
         axis.set_yticks(range(len(sites)), [site["name"] for site in sites])

@@ -62,7 +62,7 @@ LAYERS = {  # layer -> (its modules and packages, the layers it may import); a l
 }
 FACADE = {("mmedit", "delta")}  # (module, layer): the package's lazy mmedit.Delta / mmedit.load
 ENTRY = "mmedit.__main__"  # python -m mmedit: the command line
-SIZE_LIMIT = 1500  # lines of arch + trace + delta together: the core stays small
+SIZE_LIMIT = 1520  # lines of arch + trace + delta together: the core stays small (1500 until device maps, 2026-12-06)
 
 
 def _modules() -> dict[str, Path]:

@@ -221,6 +221,11 @@ class TraceStats:
     def forms(self) -> list[str]:
         return sorted({key.split("/")[1] for key in self.tensors if not key.startswith("fisher")})
 
+    def importance(self, site: str, form: str = "multimodal", group: str = "all") -> torch.Tensor:
+        """|mean(g*z)| (first-order effect on the loss) where this form and group have gradients, else mean |z|."""
+        grads = f"{site}/{form}/{group}/grad_sum_z" in self.tensors
+        return self.grad_mean_z(site, form, group).abs() if grads else self.mean_abs(site, form, group)
+
     def has_gradients(self, site: str) -> bool:
         return any(key.startswith(f"{site}/") and key.endswith("/grad_sum_abs") for key in self.tensors)
 

@@ -25,9 +25,7 @@ def importance(stats: TraceStats, site: str, form: str) -> torch.Tensor | None:
     positions. None where the site has no statistics for `form`."""
     if f"{site}/{form}/all/n" not in stats.tensors:
         return None
-    if uses_gradients(stats, site, form):
-        return stats.grad_mean_z(site, form, "all").abs().float()
-    return stats.mean_abs(site, form, "all").float()
+    return stats.importance(site, form, "all").float()
 
 
 def uses_gradients(stats: TraceStats, site: str, form: str) -> bool:
