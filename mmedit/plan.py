@@ -252,6 +252,7 @@ class Plan:
     phases: list[Phase]
     assumed: list[str] = field(default_factory=list)
     placement: dict[str, int] = field(default_factory=dict)  # with a device map: weight bytes per device
+    backward: bool = False  # with a device map: a backward passes offloaded layers (their weights held meanwhile)
 
     def on(self, phase: Phase, device: str) -> dict[str, int]:
         """The phase's bytes on `device` ("cpu" or the model's device), by term."""
@@ -295,6 +296,9 @@ class Plan:
         device holds (gradients, optimizer, activations, statistics, runtime) on the execution device."""
         placed = dict(self.placement)
         rest = devices.pop(self.model.device) - self.model.bytes(self.model.numel)
+        if self.backward:  # autograd keeps each onloaded layer's weights until the backward has passed it
+            rest += sum(nbytes for label, nbytes in placed.items()
+                        if label == "disk" or label == "cpu" and self.main_device != "cpu")
         placed[self.main_device] = placed.get(self.main_device, 0) + rest
         for label, nbytes in devices.items():
             placed[label] = placed.get(label, 0) + nbytes
@@ -422,8 +426,10 @@ def plan_for(target: str, model: str, *, dtype: str = "auto", device: str = "cud
                        trust_remote_code=trust_remote_code)
     if device_map is not None:
         result.placement = weights_per_device(result.model, device_map, max_memory)
+        result.backward = target not in ("eval", "merge") and (target != "trace" or grads)
         result.assumed.append("with the device map, everything but the weights on its execution device "
-                              f"({result.main_device})")
+                              f"({result.main_device})" + (", where a backward also holds the weights of the "
+                                                           "offloaded layers it passes" if result.backward else ""))
     return result
 
 
