@@ -2,6 +2,9 @@
 from mmedit.errors import MmeditError
 
 __version__ = "0.1.0"
+# The distribution's name on PyPI (`pip install mmedit-unlearn`; the import name stays mmedit). "mmedit" on
+# PyPI is OpenMMLab's image and video editing toolbox, which also imports as mmedit: one per environment.
+DISTRIBUTION = "mmedit-unlearn"
 __all__ = ["Delta", "MmeditError", "__version__", "load"]
 
 

@@ -6,14 +6,16 @@ import importlib.metadata
 import platform
 from pathlib import Path
 
-_LIBRARIES = ("mmedit", "torch", "transformers", "nnsight", "safetensors", "einops")
+from mmedit import DISTRIBUTION
+
+_LIBRARIES = {"mmedit": DISTRIBUTION, **{name: name for name in ("torch", "transformers", "nnsight", "safetensors", "einops")}}
 
 
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for name in _LIBRARIES:
+    for name, distribution in _LIBRARIES.items():
         try:
-            versions[name] = importlib.metadata.version(name)
+            versions[name] = importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions

@@ -151,7 +151,7 @@ def test_bad_input_through_the_cli(checkpoints, tmp_path):
     refused(mmedit("revert", base, prune, "--in-place"), "does not hold the delta's new values")
     refused(mmedit("diff", base, work / "edited", "--out", prune), "already exists")
     refused(mmedit("diff", base, base, "--out", tmp_path / "same.safetensors"), "identical weights")
-    refused(mmedit("merge", tmp_path / "missing", prune, "--out", tmp_path / "x"), "model not found")
+    refused(mmedit("merge", tmp_path / "missing", prune, "--out", tmp_path / "x"), "model path not found")
     partial = tmp_path / "partial"  # a checkpoint missing a weight: transformers would fill it in at random
     shutil.copytree(base, partial)
     weights = load_file(partial / "model.safetensors")

@@ -48,7 +48,7 @@ def test_a_built_wheel_carries_the_shipped_embedded_model(tmp_path):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                     "-q", "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
-    (wheel,) = (tmp_path / "dist").glob("mmedit-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("mmedit_unlearn-*.whl")
     folder = "mmedit/bench/weights"
     with zipfile.ZipFile(wheel) as archive:
         manifest = json.loads(archive.read(f"{folder}/manifest.json"))
@@ -86,3 +86,16 @@ def test_console_script_runs():
     script = Path(sys.executable).parent / "mmedit"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "trace" in result.stdout and "apply" in result.stdout
+
+
+def test_the_distribution_is_mmedit_unlearn_and_imports_as_mmedit():
+    """PyPI's "mmedit" is OpenMMLab's toolbox: mmedit's distribution has its own name, and provenance
+    reads mmedit's version from it (not from whatever "mmedit" distribution is installed)."""
+    import importlib.metadata
+
+    import mmedit
+    from mmedit.provenance import library_versions
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"] == mmedit.DISTRIBUTION
+    assert importlib.metadata.version(mmedit.DISTRIBUTION) == mmedit.__version__ == library_versions()["mmedit"]
+    assert mmedit.DISTRIBUTION in (ROOT / "README.md").read_text()
