@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -108,6 +109,9 @@ def main() -> None:
     methods = args.methods.split(",") if args.methods else sorted(available())
     torch.set_num_threads(1)  # the embedded model's ops are tiny: one thread is fastest (BENCHMARKS.md)
     args.out.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()  # at the start: others may commit meanwhile
+    started_all = time.perf_counter()
 
     paths = embedded_model.embedded(progress=False)
     info = profiles.load(paths.data)
@@ -133,10 +137,9 @@ def main() -> None:
         results.append({"plugin": name, "report": report, "sweep_s": round(sweep_s, 1), "seeds": scores,
                         "reported": cells, "goal": meets_goal(cells)})
         print(f"{name}: {json.dumps(cells)}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     record = {"budget": args.budget, "seeds": seeds, "goal": GOAL, "commit": commit, "results": results,
-              "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads()},
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+              "wall_s": round(time.perf_counter() - started_all, 1),
               "versions": library_versions(), "data": {"forget": "forget10", "retain": "retain90"}}
     (args.out / "sweep-bench.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     text = markdown(results, args.budget, seeds)
