@@ -114,7 +114,7 @@ def apply_command(
     log_dir: Annotated[Path | None, typer.Option(help=(
         "Write TensorBoard event files of the training steps here (loss and its forget/retain terms, lr, "
         "gradient norm per step; `tensorboard --logdir DIR` shows them). Needs tensorboard: "
-        "pip install 'mmedit[tensorboard]'."))] = None,
+        "pip install 'mmedit-unlearn[tensorboard]'."))] = None,
     image_dir: ImageDir = None,
     device: Device = "auto",
     device_map: DeviceMap = None,

@@ -107,9 +107,12 @@ def apply_plugin(
 def _fingerprint(model: torch.nn.Module) -> str:
     """A digest of the weights (per tensor: float64 sum and norm) that tells a memo the base model changed,
     e.g. a delta applied between two edits; computed on the tensors' own device without copying them."""
+    from mmedit.loading import offloaded_values
+
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            tensor = offloaded_values(model, tensor, name)  # an offloaded one's values, where they live
             if tensor.is_floating_point() or tensor.is_complex():
                 numbers = (tensor.sum(dtype=torch.float64), torch.linalg.vector_norm(tensor, dtype=torch.float64))
             else:
@@ -119,9 +122,10 @@ def _fingerprint(model: torch.nn.Module) -> str:
 
 
 def _watch(model: torch.nn.Module, declared: Mapping) -> dict[str, tuple[int, int]]:
-    """(storage address, in-place version) of every tensor outside the declared parts."""
+    """(storage address, in-place version) of every tensor outside the declared parts; not of offloaded
+    (meta) ones, which accelerate replaces at every forward and whose values are not on the model."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    return {n: (t.data_ptr(), t._version) for n, t in tensors if n not in declared}
+    return {n: (t.data_ptr(), t._version) for n, t in tensors if n not in declared and not t.is_meta}
 
 
 def _cuda_devices(model: torch.nn.Module) -> list[int]:

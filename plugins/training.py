@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from mmedit.data.batches import FORMS as BATCH_FORMS
+from mmedit import DISTRIBUTION
 from mmedit.errors import MmeditError
 from mmedit.loading import input_device
 from mmedit.modelstate import preserved
@@ -67,7 +68,7 @@ def check_log_dir(log_dir) -> None:
         import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
     except ImportError:
         raise MmeditError("--log-dir writes TensorBoard event files and needs tensorboard: "
-                          "pip install 'mmedit[tensorboard]'") from None
+                          f"pip install '{DISTRIBUTION}[tensorboard]'") from None
     if log_dir is not None and Path(log_dir).exists() and not Path(log_dir).is_dir():
         raise MmeditError(f"--log-dir {log_dir} is a file, not a folder")
     check_writable(Path(log_dir) / "events.out.tfevents", force=True)  # its folder can be made and written

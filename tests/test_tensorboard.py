@@ -86,5 +86,5 @@ def test_bad_log_dirs_and_no_tensorboard_fail_before_the_model_loads(setup, tmp_
     result = apply(setup, "ga", tmp_path / "b.safetensors", "--log-dir", tmp_path / "runs")
     assert result.exit_code == 1
     assert result.output.strip() == ("error: --log-dir writes TensorBoard event files and needs tensorboard: "
-                                     "pip install 'mmedit[tensorboard]'")
+                                     "pip install 'mmedit-unlearn[tensorboard]'")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]

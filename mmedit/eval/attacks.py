@@ -35,6 +35,7 @@ from mmedit.arch import model_map
 from mmedit.data.batches import FORMS, IGNORE, make_batches
 from mmedit.data.rows import Row
 from mmedit.errors import MmeditError
+from mmedit.loading import input_device
 from mmedit.eval import attack_metrics, metrics, probe
 from mmedit.eval.attack_settings import Settings
 from mmedit.eval.harness import REPORT_FORMS, applied, evaluate, select_people, summarise
@@ -182,7 +183,7 @@ def relearn(model, processor, rows: Sequence[Row], settings: Settings, progress:
     """Fine-tune `model` in place on `rows` (both forms, loss on the answer tokens: the model's own
     cross-entropy over the labels) for settings.steps AdamW steps: LoRA adapters on the linear layers of
     settings.lora_parts, or every weight with settings.full. Returns the loss of every step."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     batches = [batch for form in FORMS
                for batch in make_batches(rows, processor, form=form, batch_size=settings.train_batch_size,
                                          device=device)
@@ -341,7 +342,7 @@ def membership(model, processor, groups: dict[str, Sequence[Row]], k: float, bat
     dropped: dict = defaultdict(lambda: defaultdict(int))
     jobs = [(form, group, [row for row in rows if form == "text" or row.image is not None])
             for form in FORMS for group, rows in groups.items()]
-    device = next(model.parameters()).device
+    device = input_device(model)
     batches = ((form, group, batch) for form, group, rows in jobs
                for batch in make_batches(rows, processor, form=form, batch_size=batch_size, device=device))
     total = sum(-(-len(rows) // batch_size) for _, _, rows in jobs)

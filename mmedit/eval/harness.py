@@ -40,6 +40,7 @@ import torch
 from mmedit.data.batches import FORMS, IGNORE, make_batches, make_prompts
 from mmedit.data.rows import Row
 from mmedit.errors import MmeditError
+from mmedit.loading import input_device
 from mmedit.modelstate import preserved
 from mmedit.eval import metrics
 from mmedit.progress import track
@@ -203,7 +204,7 @@ def _run(model, processor, jobs, batch_size, max_new_tokens, records):
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)  # a dispatched model's execution device
 
 
 def _score_options(model, processor, rows, split, form, batch_size, max_new_tokens, records):

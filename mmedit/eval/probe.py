@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from mmedit.data.batches import FORMS, make_batches
+from mmedit.loading import input_device
 from mmedit.data.rows import Row
 from mmedit.errors import MmeditError
 from mmedit.eval import attack_metrics
@@ -96,7 +97,7 @@ def collect(model, processor, groups: dict[str, Sequence[Row]], batch_size: int 
     prompts(rows), in order. The image form takes the rows with a picture."""
     jobs = [(form, group, [row for row in prompts(rows) if form == "text" or row.image is not None])
             for form in FORMS for group, rows in groups.items()]
-    device = next(model.parameters()).device
+    device = input_device(model)
     batches = ((form, group, batch) for form, group, rows in jobs
                for batch in make_batches(rows, processor, form=form, batch_size=batch_size, with_answer=False,
                                          device=device))

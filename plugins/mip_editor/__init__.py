@@ -38,6 +38,7 @@ from types import SimpleNamespace
 import torch
 
 from mmedit.errors import MmeditError
+from mmedit.loading import input_device
 from mmedit.plugins.base import Choice, Range, option, require
 from mmedit.plugins.training import (Selection, TrainConfig, TrainingPlugin, forms_option, largest_form, paired,
                                      reference_rows, steered_layer, training_phases)
@@ -147,7 +148,7 @@ def search_rows(job, config) -> int:
     from mmedit.plan import Sized, shapes_from_rows
 
     weight = next(job.model.parameters())
-    model = Sized(job.model.config, str(weight.dtype).removeprefix("torch."), weight.device.type)
+    model = Sized(job.model.config, str(weight.dtype).removeprefix("torch."), input_device(job.model).type)
     sample = {"forget": job.forget, "retain": job.retain[: 4 * config.batch_size] or job.forget}
     shapes = shapes_from_rows(model, job.processor, sample, config.batch_size)
     return plan_search_rows(model, shapes, config)
@@ -223,7 +224,7 @@ def check_silent(job, paths: NeuronPaths) -> None:
     from mmedit.data.batches import make_batches
     from mmedit.trace import nnsight_view, read_sites
 
-    device = next(job.model.parameters()).device
+    device = input_device(job.model)
     with nnsight_view(job.model) as wrapped, torch.no_grad():
         for part in {name.split(".")[0] for name in paths.neurons}:
             form = METHODS[part][1]

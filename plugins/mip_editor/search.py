@@ -42,6 +42,7 @@ import torch
 
 from mmedit.data.batches import IGNORE, make_batches
 from mmedit.errors import MmeditError
+from mmedit.loading import input_device
 from mmedit.modelstate import preserved
 from mmedit.plugins import losses
 from mmedit.plugins.mip_editor.interventions import (POSITIONS, model_inputs, position_mask, prefix_cache,
@@ -228,7 +229,7 @@ def find_paths(model, processor, rows: Sequence, *, model_map=None, parts: Seque
     if positions not in POSITIONS:
         raise MmeditError(f"unknown positions {positions!r}; choose from {', '.join(POSITIONS)}")
     model_map = model_map or build_map(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     if loop:
         samples_per_pass, steps_per_pass = 1, 1
     else:
@@ -314,7 +315,7 @@ def layer_attributions(model, processor, rows: Sequence, site: str, *, steps: in
 
     model_map = model_map or build_map(model)
     target = model_map.site(site)
-    device = next(model.parameters()).device
+    device = input_device(model)
     with preserved(model, clear_grads=False), nnsight_view(model) as wrapped:
         model.eval()
         model.requires_grad_(False)
