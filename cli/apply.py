@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mmedit.cli.common import (Device, DeviceMap, Dtype, Force, IgnorePlan, ImageDir, MaxMemory, OffloadDir, Threads,
+from mmedit.cli.common import (Device, DeviceMap, Dtype, Force, IgnorePlan, ImageDir, LogDir, MaxMemory, OffloadDir, Threads,
                                TrustRemoteCode, check_memory, load_model, out, placement, user_errors)
 from mmedit.errors import MmeditError, first_line
 from mmedit.safefile import check_writable, parse_json
@@ -111,10 +111,7 @@ def apply_command(
         "retain; mip_editor: paths, a file from `mmedit paths find`); the plugin skips "
         "that work."))] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice: same seed, same delta.")] = 0,
-    log_dir: Annotated[Path | None, typer.Option(help=(
-        "Write TensorBoard event files of the training steps here (loss and its forget/retain terms, lr, "
-        "gradient norm per step; `tensorboard --logdir DIR` shows them). Needs tensorboard: "
-        "pip install 'mmedit-unlearn[tensorboard]'."))] = None,
+    log_dir: LogDir = None,
     image_dir: ImageDir = None,
     device: Device = "auto",
     device_map: DeviceMap = None,
@@ -138,7 +135,7 @@ def apply_command(
     get(plugin).check_stats_keys(_stats_paths(stats or []))
     check_writable(out_path, force)  # an existing or unwritable output fails before the plugin runs
     if log_dir is not None:
-        from mmedit.plugins.training import check_log_dir
+        from mmedit.logs import check_log_dir
 
         check_log_dir(log_dir)
     forget_rows, files = _data(forget, "forget", image_dir)

@@ -3,12 +3,13 @@ membership inference and leakage across forms, on the edited model and on the ba
 (mmedit.eval.attacks)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mmedit.cli.common import (AllowNonfinite, Device, Dtype, Force, ImageDir, Threads, TrustRemoteCode, load_model, out,
+from mmedit.cli.common import (AllowNonfinite, Device, Dtype, Force, ImageDir, LogDir, Threads, TrustRemoteCode, load_model, out,
                                quiet_transformers, user_errors)
 from mmedit.eval.attack_settings import ATTACKS, PARTS, Settings
 
@@ -52,6 +53,7 @@ def attack_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per evaluation forward / generate call.")] = DEFAULTS.batch_size,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest generated answer, in tokens.")] = DEFAULTS.max_new_tokens,
     letters: Annotated[bool, typer.Option("--letters/--no-letters", help="Also ask multiple choice as a lettered prompt (off: the embedded model was never taught it).")] = DEFAULTS.letters,
+    log_dir: LogDir = None,
     allow_nonfinite: AllowNonfinite = False,
     image_dir: ImageDir = None,
     device: Device = "auto",
@@ -84,6 +86,10 @@ def attack_command(
 
     for path in filter(None, (out_path, plot)):  # refused before any work, not after
         check_writable(path, force)
+    if log_dir is not None:
+        from mmedit.logs import check_log_dir
+
+        check_log_dir(log_dir)
     chosen = parse_attacks(attacks)
     if mia_control is not None and "mia" not in chosen:
         raise MmeditError("--mia-control is for the mia attack: add mia to --attacks")
@@ -100,8 +106,13 @@ def attack_command(
     loaded_deltas = [Delta.load(path) for path in deltas]  # a bad delta fails before the model loads
     quiet_transformers()
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
-    result = attack_module.run(loaded, processor, sets, loaded_deltas, chosen, settings, control,
-                               allow_nonfinite=allow_nonfinite)
+    from mmedit.logs import logging_to
+
+    header = {"attacks": list(chosen), "settings": dataclasses.asdict(settings),
+              "deltas": [{"path": str(path), "checksum": delta.checksum} for path, delta in zip(deltas, loaded_deltas)]}
+    with logging_to(log_dir, header):  # relearn's fine-tunings: relearn/<variant>/<base|edited>/loss, lr, grad_norm
+        result = attack_module.run(loaded, processor, sets, loaded_deltas, chosen, settings, control,
+                                   allow_nonfinite=allow_nonfinite)
     provenance = {
         "mmedit_version": __version__,
         "model": {"arg": model, **model_identity(loaded)},

@@ -51,6 +51,9 @@ AllowNonfinite = Annotated[
 Threads = Annotated[int, typer.Option(min=0, help=(
     "CPU threads for torch. 0 (default): one thread for a model under 20M parameters on the CPU (tiny models "
     "run fastest so: their ops are too small to split), torch's default (one per core) otherwise."))]
+LogDir = Annotated[Path | None, typer.Option(help=(
+    "Write TensorBoard event files of the training steps here (loss and its terms, lr, gradient norm per step; "
+    "`tensorboard --logdir DIR` shows them). Needs tensorboard: pip install 'mmedit-unlearn[tensorboard]'."))]
 IgnorePlan = Annotated[bool, typer.Option("--ignore-plan", help=(
     "Run even when the memory plan (`mmedit plan`) says the run cannot fit this device's free memory."))]
 DeviceMap = Annotated[str | None, typer.Option(help=(

@@ -13,7 +13,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from mmedit.cli.common import Device, Dtype, Force, ImageDir, Threads, TrustRemoteCode, load_model, out, \
+from mmedit.cli.common import Device, Dtype, Force, ImageDir, LogDir, Threads, TrustRemoteCode, load_model, out, \
     quiet_transformers, user_errors
 
 
@@ -130,6 +130,7 @@ def sweep_command(
     retain_people: Annotated[int, typer.Option(help="Other retain people scored each trial (a seeded sample; the "
                                                "edits see them all).")] = 10,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward call in evaluation.")] = 64,
+    log_dir: LogDir = None,
     image_dir: ImageDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -161,6 +162,10 @@ def sweep_command(
     sweep.check_budget(budget)
     for path in filter(None, (out_path, best, plot_path)):
         check_writable(path, force)
+    if log_dir is not None:
+        from mmedit.logs import check_log_dir
+
+        check_log_dir(log_dir)
     split = sweep.validation_split(read_rows(forget, image_dir), read_rows(retain, image_dir), val_people,
                                    retain_people, seed)
     setup = sweep.describe(chosen_plugin, fixed, split, _model_key(model), seed)
@@ -168,7 +173,8 @@ def sweep_command(
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)
     base = sweep.baseline(loaded, processor, split, batch_size)
     study = sweep.open_study(storage, setup)  # last: a refused run leaves no new storage behind
-    record = sweep.run(study, plugin, loaded, processor, split, fixed, budget, seed, base, batch_size=batch_size)
+    record = sweep.run(study, plugin, loaded, processor, split, fixed, budget, seed, base, batch_size=batch_size,
+                       log_dir=log_dir)
     record.update({
         "mmedit_version": __version__,
         "model": {"arg": model, **model_identity(loaded)},

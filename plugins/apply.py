@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from mmedit.errors import MmeditError
+from mmedit.logs import logging_to
 from mmedit.modelstate import preserved
 from mmedit.plugins.base import Job, rows_sha256
 from mmedit.plugins.originals import Originals
 from mmedit.plugins.registry import get, package_of
-from mmedit.plugins.training import logging_to
 
 
 def apply_plugin(
@@ -46,7 +46,7 @@ def apply_plugin(
     forget and retain rows). `provenance`: extra header entries (the CLI adds file paths and hashes).
     `memo`: a dict shared by several calls on the same base model and data, so that statistics one edit
     computed (traces, Fisher, paths) are reused by the next whose options they depend on are the same.
-    `log_dir`: a TensorBoard run folder for the training steps (training.logging_to)."""
+    `log_dir`: a TensorBoard run folder for the training steps (mmedit.logs)."""
     from mmedit.arch import PARTS, model_map
     from mmedit.delta import Delta
 

@@ -25,8 +25,10 @@ import statistics
 import time
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from dataclasses import dataclass
 
+from mmedit import logs
 from mmedit.errors import MmeditError
 from mmedit.plugins.apply import apply_plugin
 from mmedit.plugins.base import Choice, Plugin, Range, rows_sha256
@@ -229,10 +231,12 @@ def baseline(model, processor, split: Split, batch_size: int = 64) -> dict:
 
 
 def run(study, name: str, model, processor, split: Split, fixed: Mapping[str, object], budget: int, seed: int,
-        base: dict, batch_size: int = 64, progress: bool = True, memo: dict | None = None) -> dict:
+        base: dict, batch_size: int = 64, progress: bool = True, memo: dict | None = None,
+        log_dir: str | Path | None = None) -> dict:
     """`budget` more trials of plugin `name` in `study`, scored against `base` (baseline()); returns the
     record of every trial stored, its Pareto front and the chosen point (see `choose`). `memo`: statistics
-    shared by the trials (and by the caller's later calls, e.g. a benchmark's)."""
+    shared by the trials (and by the caller's later calls, e.g. a benchmark's). `log_dir`: TensorBoard runs,
+    trial-NNN/ with each trial's training steps and sweep/ with every trial's objectives (mmedit.logs)."""
     from mmedit.plugins.registry import get
     from mmedit.progress import track
 
@@ -250,7 +254,8 @@ def run(study, name: str, model, processor, split: Split, fixed: Mapping[str, ob
         started = time.perf_counter()
         try:
             delta = apply_plugin(name, model, processor, split.forget, split.retain, options, seed=seed,
-                                 progress=False, memo=memo)
+                                 progress=False, memo=memo,
+                                 log_dir=None if log_dir is None else Path(log_dir) / f"trial-{trial.number:03d}")
             edited = evaluate(model, processor, sets, [delta], batch_size=batch_size)
         except Exception as error:  # noqa: BLE001 - a failing point (NaN loss, bad combination) is a result
             trial.set_user_attr("error", _one_line(error))
@@ -265,6 +270,9 @@ def run(study, name: str, model, processor, split: Split, fixed: Mapping[str, ob
         trial.set_user_attr("elements", delta.touched)
         trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
         study.tell(trial, [values[key] for key in OBJECTIVES])
+        if log_dir is not None:
+            with logs.logging_to(Path(log_dir) / "sweep"):
+                logs.scalars(values, prefix="objectives", step=trial.number)
     return record(study, base, plugin, space)
 
 

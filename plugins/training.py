@@ -32,21 +32,18 @@ mmedit.plan predicts the training step would not fit in FIT of the device's free
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
-import json
 import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import torch
 
 from mmedit.data.batches import FORMS as BATCH_FORMS
-from mmedit import DISTRIBUTION
 from mmedit.errors import MmeditError
+from mmedit import logs
 from mmedit.loading import input_device
 from mmedit.modelstate import preserved
 from mmedit.plugins import losses
@@ -54,66 +51,20 @@ from mmedit.plugins.base import Job, Plugin, option, require
 from mmedit.plugins.originals import resident
 from mmedit.progress import track
 
-# `mmedit apply --log-dir`: the TensorBoard log every training step inside `logging_to` writes to.
-_LOG: contextvars.ContextVar = contextvars.ContextVar("mmedit_training_log", default=None)
 TERM_NAMES = ("forget", "retain")  # a loss's terms, in the order Plugin.loss yields them
 
 
-def check_log_dir(log_dir) -> None:
-    """Refuse early what `logging_to` would refuse after the model loads: no tensorboard, or a folder that
-    cannot be written."""
-    from mmedit.safefile import check_writable
-
-    try:
-        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
-    except ImportError:
-        raise MmeditError("--log-dir writes TensorBoard event files and needs tensorboard: "
-                          f"pip install '{DISTRIBUTION}[tensorboard]'") from None
-    if log_dir is not None and Path(log_dir).exists() and not Path(log_dir).is_dir():
-        raise MmeditError(f"--log-dir {log_dir} is a file, not a folder")
-    check_writable(Path(log_dir) / "events.out.tfevents", force=True)  # its folder can be made and written
-
-
-@contextlib.contextmanager
-def logging_to(log_dir, header: Mapping | None = None):
-    """Inside, every Trainer step adds TensorBoard scalars to an event file in `log_dir` (a run's folder;
-    TensorBoard shows each folder as a run): loss/total and, for a loss in terms, loss/forget and
-    loss/retain (or loss/<step kind> where a schedule has several kinds of one-term step), lr and
-    grad_norm (before clipping), at step 1, 2, ...; `header` (the run's plugin, options, seed, data hashes)
-    as the text mmedit/run. `log_dir` None: nothing is written."""
-    if log_dir is None:
-        yield None
-        return
-    check_log_dir(log_dir)
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(log_dir))
-    if header:
-        writer.add_text("mmedit/run", "```\n" + json.dumps(header, indent=1, default=str) + "\n```", 0)
-    log = {"writer": writer, "step": 0}
-    token = _LOG.set(log)
-    try:
-        yield writer
-    finally:
-        _LOG.reset(token)
-        writer.close()
-
-
 def _log_step(kinds: int, step: Step, terms: list[float], norm: float, lr: float) -> None:
-    log = _LOG.get()
-    if log is None:
-        return
-    log["step"] += 1
-    writer, at = log["writer"], log["step"]
-    writer.add_scalar("loss/total", sum(terms), at)
+    """A training step's TensorBoard scalars (mmedit.logs; apply --log-dir): loss/total and, for a loss in
+    terms, loss/forget and loss/retain (or loss/<step kind> where a schedule has several kinds of one-term
+    step), lr and grad_norm (before clipping)."""
+    values = {"loss/total": sum(terms)}
     if len(terms) > 1:
-        for index, value in enumerate(terms):
-            writer.add_scalar(f"loss/{TERM_NAMES[index] if index < len(TERM_NAMES) else f'term{index + 1}'}",
-                              value, at)
+        values.update((f"loss/{TERM_NAMES[i] if i < len(TERM_NAMES) else f'term{i + 1}'}", value)
+                      for i, value in enumerate(terms))
     elif kinds > 1:
-        writer.add_scalar(f"loss/{step.kind}", terms[0], at)
-    writer.add_scalar("lr", lr, at)
-    writer.add_scalar("grad_norm", norm, at)
+        values[f"loss/{step.kind}"] = terms[0]
+    logs.scalars(values | {"lr": lr, "grad_norm": norm})
 
 
 FORMS = {"multimodal": BATCH_FORMS[:1], "text": BATCH_FORMS[1:], "both": BATCH_FORMS}  # option value -> forms

@@ -4,7 +4,8 @@
 | layer   | modules                                              | may import, besides itself              |
 |---------|------------------------------------------------------|-----------------------------------------|
 | base    | mmedit (the package), mmedit.errors, .safefile,      | -                                       |
-|         | .provenance, .progress, .modelstate, .distributed    |                                         |
+|         | .provenance, .progress, .modelstate, .distributed,   |                                         |
+|         | .logs                                                |                                         |
 | data    | mmedit.data                                          | base                                    |
 | arch    | mmedit.arch                                          | base, data                              |
 | loading | mmedit.loading                                       | base, arch                              |
@@ -49,7 +50,7 @@ FOLDERS = CONFIG["tool"]["setuptools"]["package-dir"]  # package -> folder: mmed
 CORE, PLUGINS, CLI = "mmedit", "mmedit.plugins", "mmedit.cli"
 LAYERS = {  # layer -> (its modules and packages, the layers it may import); a layer only names earlier ones
     "base": (("mmedit", "mmedit.errors", "mmedit.safefile", "mmedit.provenance", "mmedit.progress",
-              "mmedit.modelstate", "mmedit.distributed"), ()),
+              "mmedit.modelstate", "mmedit.distributed", "mmedit.logs"), ()),
     "data": (("mmedit.data",), ("base",)),
     "arch": (("mmedit.arch",), ("base", "data")),
     "loading": (("mmedit.loading",), ("base", "arch")),

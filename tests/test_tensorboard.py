@@ -88,3 +88,49 @@ def test_bad_log_dirs_and_no_tensorboard_fail_before_the_model_loads(setup, tmp_
     assert result.output.strip() == ("error: --log-dir writes TensorBoard event files and needs tensorboard: "
                                      "pip install 'mmedit-unlearn[tensorboard]'")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
+
+
+def test_attack_logs_every_relearn_fine_tuning(tmp_path):
+    """`mmedit attack --log-dir`: each of relearn's four fine-tunings (forget part / retain only, on the
+    edited model and the base) is its own series of loss, lr and gradient norm."""
+    from mmedit.bench.model import embedded
+
+    shipped = embedded()
+    model, bench = shipped.model, shipped.data
+    delta = tmp_path / "ga.safetensors"
+    made = CliRunner().invoke(app, ["apply", "ga", str(model), "--forget", str(bench / "forget10.jsonl"), "--set",
+                                    "max_steps=1", "--device", "cpu", "--out", str(delta)])
+    assert made.exit_code == 0, made.output
+    result = CliRunner().invoke(app, ["attack", str(model), "--delta", str(delta), "--data", str(bench), "--attacks",
+                                      "relearn", "--steps", "3", "--device", "cpu", "--out", str(tmp_path / "a.json"),
+                                      "--log-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    logged = scalars(tmp_path / "runs")
+    report = json.loads((tmp_path / "a.json").read_text())
+    for variant in ("forget-part", "retain-only"):
+        for model_name in ("base", "edited"):
+            prefix = f"relearn/{variant}/{model_name}"
+            assert [step for step, _ in logged[f"{prefix}/loss"]] == [1, 2, 3], prefix
+            assert {tag for tag in logged if tag.startswith(prefix + "/")} == {f"{prefix}/{t}" for t in ("loss", "lr", "grad_norm")}
+            assert logged[f"{prefix}/loss"][0][1] == pytest.approx(
+                report["attacks"]["relearn"]["variants"][variant]["train_loss"][model_name]["first"], rel=1e-6)
+
+
+def test_sweep_logs_each_trials_training_and_every_trials_objectives(tmp_path):
+    from mmedit.bench.model import embedded
+
+    shipped = embedded()
+    result = CliRunner().invoke(app, ["sweep", "ga", str(shipped.model), "--forget", str(shipped.data / "forget10.jsonl"),
+                                      "--retain", str(shipped.data / "retain90.jsonl"), "--budget", "2", "--set",
+                                      "max_steps=2", "--device", "cpu", "--out", str(tmp_path / "sweep.json"),
+                                      "--log-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    trials = json.loads((tmp_path / "sweep.json").read_text())["trials"]
+    for trial in trials:
+        logged = scalars(tmp_path / "runs" / f"trial-{trial['number']:03d}")
+        assert [step for step, _ in logged["loss/total"]] == [1, 2]
+    objectives = scalars(tmp_path / "runs" / "sweep")
+    assert sorted(objectives) == sorted(f"objectives/{key}" for key in trials[0]["values"])
+    for tag, points in objectives.items():
+        key = tag.split("/", 1)[1]
+        assert points == [(trial["number"], pytest.approx(trial["values"][key], rel=1e-6)) for trial in trials]

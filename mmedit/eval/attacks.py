@@ -35,6 +35,7 @@ from mmedit.arch import model_map
 from mmedit.data.batches import FORMS, IGNORE, make_batches
 from mmedit.data.rows import Row
 from mmedit.errors import MmeditError
+from mmedit import logs
 from mmedit.loading import input_device
 from mmedit.eval import attack_metrics, metrics, probe
 from mmedit.eval.attack_settings import Settings
@@ -169,7 +170,7 @@ def _relearn(context: _Context, sets, control) -> dict:
         for name in ("base", "edited"):
             with context.copy(edited=name == "edited") as duplicate:
                 losses = relearn(duplicate, context.processor, rows, settings, progress=context.progress,
-                                 description=f"relearn {variant}: {name} model")
+                                 description=f"relearn {variant}: {name} model", log_as=f"relearn/{variant}/{name}")
                 found[name] = context.evaluate(duplicate, held, f"evaluating: {name} model after relearn {variant}")
                 found[f"{name}_loss"] = {"first": losses[0], "last": losses[-1]}
         out["variants"][variant] = {"attacked": {"base": found["base"], "edited": found["edited"]},
@@ -179,10 +180,11 @@ def _relearn(context: _Context, sets, control) -> dict:
 
 
 def relearn(model, processor, rows: Sequence[Row], settings: Settings, progress: bool = True,
-            description: str = "relearn") -> list[float]:
+            description: str = "relearn", log_as: str = "relearn") -> list[float]:
     """Fine-tune `model` in place on `rows` (both forms, loss on the answer tokens: the model's own
     cross-entropy over the labels) for settings.steps AdamW steps: LoRA adapters on the linear layers of
-    settings.lora_parts, or every weight with settings.full. Returns the loss of every step."""
+    settings.lora_parts, or every weight with settings.full. Returns the loss of every step; each step's
+    loss, lr and gradient norm go to the TensorBoard log as `log_as`/... (mmedit.logs; attack --log-dir)."""
     device = input_device(model)
     batches = [batch for form in FORMS
                for batch in make_batches(rows, processor, form=form, batch_size=settings.train_batch_size,
@@ -207,9 +209,11 @@ def relearn(model, processor, rows: Sequence[Row], settings: Settings, progress:
             if not torch.isfinite(loss):
                 raise MmeditError(f"{description}: the loss is {loss.item()}; lower the learning rate")
             loss.backward()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            logs.scalars({"loss": losses[-1], "lr": settings.lr, "grad_norm": norm.item()}, prefix=log_as)
         model.eval()
     return losses
 
