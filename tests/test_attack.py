@@ -249,7 +249,7 @@ def test_relearn_trains_on_one_half_of_the_facts_and_scores_only_the_other(edite
     model, processor, sets, delta, _, _ = edited
     trained, scored = [], []
 
-    def fake_relearn(model, processor, rows, settings, progress=True, description=""):
+    def fake_relearn(model, processor, rows, settings, progress=True, description="", log_as=""):
         trained.append(list(rows))
         return [0.0]
 
