@@ -17,12 +17,26 @@ out = Console()
 err = Console(stderr=True)
 
 
+def sharded(command: Callable) -> Callable:
+    """Mark a command that shares its work among torchrun's ranks (docs/distributed.md); under a launch,
+    user_errors refuses every other command rather than run it once per rank."""
+    command.sharded = True
+    return command
+
+
 def user_errors(command: Callable) -> Callable:
     """Turn an MmeditError into one red line on stderr and exit status 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            if not getattr(command, "sharded", False):
+                from mmedit import distributed
+
+                if distributed.active():
+                    name = command.__name__.removesuffix("_command").replace("_", " ")
+                    raise MmeditError(f"mmedit {name} runs on one process; under torchrun only trace shares its "
+                                      "work among the ranks (docs/distributed.md)")
             return command(*args, **kwargs)
         except MmeditError as error:
             err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)

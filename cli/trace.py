@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from mmedit.cli.common import (Device, DeviceMap, Dtype, Force, IgnorePlan, ImageDir, MaxMemory, OffloadDir, Threads,
-                               TrustRemoteCode, check_memory, err, load_model, out, placement, user_errors)
+                               TrustRemoteCode, check_memory, err, load_model, out, placement, sharded,
+                               user_errors)
 from mmedit import distributed
 from mmedit.errors import MmeditError
 
@@ -37,6 +38,7 @@ def split_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 
 @user_errors
+@sharded
 def trace_command(
     model: Annotated[str, typer.Argument(help="HF model directory or hub id.")],
     data: Annotated[Path, typer.Option(help="Data set: mmedit JSONL or MLLMU-Bench parquet.")],

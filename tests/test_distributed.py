@@ -90,7 +90,8 @@ def test_an_error_on_one_rank_fails_the_run_and_writes_nothing(setup, tmp_path):
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
-    """The pid of torchrun worker `rank` (its environment's RANK) below `parent`."""
+    """The pid of torchrun worker `rank` (its environment's RANK), a child of the agent `parent` (not one of
+    the worker's own short-lived children, which inherit its environment)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -99,40 +100,25 @@ def _rank_pid(parent: int, rank: int) -> int | None:
             stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if f"RANK={rank}".encode() in environment and b"TORCHELASTIC_RUN_ID" in b"".join(environment) and \
-                _descends(int(stat[1]), parent):
+        if f"RANK={rank}".encode() in environment and int(stat[1]) == parent:  # a worker: the agent's child
             return int(entry.name)
     return None
 
 
-def _descends(pid: int, ancestor: int) -> bool:
-    while pid > 1:
-        if pid == ancestor:
-            return True
-        try:
-            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            return False
-    return False
-
-
-@pytest.mark.skipif(not Path("/proc").is_dir() or not hasattr(os, "mkfifo"), reason="needs /proc and named pipes")
+@pytest.mark.skipif(not Path("/proc").is_dir() or not hasattr(signal, "SIGSTOP"), reason="needs /proc and SIGSTOP")
 def test_a_rank_killed_mid_run_leaves_no_output(setup, tmp_path):
-    """Rank 1's picture is a named pipe: reading it blocks that rank mid-run (rank 0 traces its batches and
-    waits for rank 1's), until the test kills rank 1; torchrun then stops rank 0, and no file exists."""
-    model, folder, rows = setup
-    pipe = tmp_path / "pipe.png"
-    os.mkfifo(pipe)
-    data = tmp_path / "rows.jsonl"
-    write_jsonl([row if index != 4 else type(row)(**{**row.__dict__, "image": pipe}) for index, row in enumerate(rows)],
-                data)
-    process = torchrun(command(model, data, tmp_path / "out.st"), start_new_session=True)
+    """Rank 1 is stopped (SIGSTOP) as soon as it runs, so that rank 0, which cannot finish without rank 1's
+    share, is left waiting for it; then rank 1 is killed. torchrun stops rank 0 and fails; no file."""
+    model, folder, _ = setup
+    process = torchrun(command(model, folder / "rows.jsonl", tmp_path / "out.st"), start_new_session=True)
     deadline, victim = time.monotonic() + TIMEOUT / 2, None
     while victim is None and time.monotonic() < deadline and process.poll() is None:
         victim = _rank_pid(process.pid, 1)
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert victim is not None, "rank 1 never started"
-    time.sleep(3)  # well into the run: rank 1 blocks on the pipe, rank 0 traces and waits
+    os.kill(victim, signal.SIGSTOP)
+    time.sleep(3)  # rank 0 goes on as far as it can without rank 1
+    assert process.poll() is None and not (tmp_path / "out.st").exists()
     os.kill(victim, signal.SIGKILL)
     code, _, err = finish(process)
     assert code != 0, err
@@ -157,3 +143,15 @@ def test_one_process_needs_no_process_group():
     assert not distributed.active() and distributed.world_size() == 1 and distributed.is_writer()
     assert distributed.gather({"x": torch.ones(1)})[0]["x"].item() == 1.0
     assert distributed.combine(2, lambda a, b: a + b) == 2 and distributed.device("auto") == "auto"
+
+
+def test_commands_that_do_not_share_their_work_refuse_a_launch(setup, tmp_path):
+    """Every rank running the whole of `apply` (and writing the same file) is refused on every rank."""
+    model, folder, _ = setup
+    code, _, err = finish(torchrun(["apply", "ga", str(model), "--forget", str(folder / "rows.jsonl"), "--device", "cpu",
+                                    "--out", str(tmp_path / "ga.safetensors")], start_new_session=True))
+    assert code != 0
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors and errors[0] == ("error: mmedit apply runs on one process; under torchrun only trace shares its "
+                                    "work among the ranks (docs/distributed.md)"), err
+    assert not (tmp_path / "ga.safetensors").exists()
