@@ -179,15 +179,26 @@ def plugins_command(
         out.print(table)
         return
     plugin = get(name)
-    table = Table("option", "default", "help", title=f"{plugin.name} {plugin.version}: {plugin.description}")
+    space = plugin.space()
+    table = Table("option", "default", "sweep searches", "help",
+                  title=f"{plugin.name} {plugin.version}: {plugin.description}")
     for field in plugin.options():
         choices = field.metadata.get("choices")
         help_text = field.metadata["help"] + (f" [{' | '.join(map(str, choices))}]" if choices else "")
-        table.add_row(field.name, str(field.default), help_text)
+        table.add_row(field.name, str(field.default), _searched(space.get(field.name)), help_text)
     out.print(table)
     for preset, options in plugin.presets.items():
         settings = " ".join(f"{key}={value}" for key, value in options.items()) or "(the defaults)"
         out.print(f"preset {preset}: {settings}", highlight=False, markup=False)
+
+
+def _searched(where) -> str:
+    """An option's search space as `mmedit plugins NAME` shows it: 1e-05..0.01 (log), a | b, or blank."""
+    if where is None:
+        return ""
+    if hasattr(where, "values"):
+        return " | ".join(map(str, where.values))
+    return f"{where.low:g}..{where.high:g}" + (" (log)" if where.log else "")
 
 
 def register(app: typer.Typer) -> None:

@@ -252,3 +252,18 @@ def test_bad_inputs_are_one_line_and_write_nothing(bench, tmp_path, monkeypatch)
     monkeypatch.setattr(type(get("ga")), "search_space", {})
     assert "ga declares no search space" in one_error_line(invoke("sweep", "ga", model, *common, "--budget", 1))
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_plugins_shows_where_the_sweep_searches_each_option():
+    from typer.testing import CliRunner
+
+    from mmedit.cli.main import app
+    from mmedit.plugins import get
+
+    lr = get("rmu").space()["lr"]
+    shown = CliRunner().invoke(app, ["plugins", "rmu"], terminal_width=240)
+    assert shown.exit_code == 0, shown.output
+    row = next(line for line in shown.output.splitlines() if line.startswith("│ lr "))
+    assert f"{lr.low:g}..{lr.high:g}" + (" (log)" if lr.log else "") in row
+    row = next(line for line in shown.output.splitlines() if line.startswith("│ epochs "))
+    assert row.split("│")[3].strip() == ""  # not searched
