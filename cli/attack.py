@@ -103,6 +103,10 @@ def attack_command(
     sets = {split: read_rows(path, image_dir) for split, path in files.items()}
     control = read_rows(mia_control, image_dir) if mia_control is not None else None
     attack_module.check(chosen, sets, control, settings)
+    if "quantize" in chosen:  # the layers' shapes from the config, before the weights load
+        from mmedit.plan import Sized, read_config
+
+        attack_module.quantizable(Sized(read_config(model, trust_remote_code)).model, settings.group_size)
     loaded_deltas = [Delta.load(path) for path in deltas]  # a bad delta fails before the model loads
     quiet_transformers()
     loaded, processor = load_model(model, device, dtype, trust_remote_code, threads)

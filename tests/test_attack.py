@@ -424,6 +424,8 @@ def test_cli_writes_the_report_with_provenance_tables_and_plot(shipped, edited, 
     (["--attacks", "mia"], "error: mia needs people the model never saw (--mia-control FILE)"),
     (["--attacks", "leakage", "--mia-control", "x.jsonl"], "error: --mia-control is for the mia attack"),
     (["--bits", "4,9"], "error: quantisation bit widths must be between 2 and 8, got [4, 9]"),
+    (["--attacks", "quantize", "--group-size", "7777"],  # no layer of the embedded model has 7777 inputs
+     "error: quantize: no linear layer has a multiple of 7777 inputs; pick another --group-size"),
 ])
 def test_cli_bad_input_is_one_line_before_the_model_loads(shipped, edited, tmp_path, monkeypatch, extra, message):
     def never(*args, **kwargs):

@@ -261,26 +261,33 @@ def _quantize(context: _Context, sets, control) -> dict:
     return out
 
 
+def quantizable(model, group_size: int) -> tuple[list[str], list[str]]:
+    """(the linear layers, all but the output head, whose inputs split into groups of `group_size`, the
+    other linear layers); one error when none does. Works on a meta model: `mmedit attack` asks before the
+    weights load."""
+    head = model.get_output_embeddings()
+    linear = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and module is not head]
+    done = [name for name, module in linear if module.in_features % group_size == 0]
+    if not done:
+        raise MmeditError(f"quantize: no linear layer has a multiple of {group_size} inputs; pick another --group-size")
+    return done, [name for name, module in linear if module.in_features % group_size]
+
+
 def quantize(model, bits: int, group_size: int) -> dict:
     """Replace, in place, the weight of every linear layer but the output head by its int`bits` group-wise
     RTN (attack_metrics.rtn). Returns the layers done and skipped (inputs not a multiple of group_size) and
     the relative change of the weights done, ||W - Q|| / ||W|| over all of them."""
-    head = model.get_output_embeddings()
-    done, skipped, change, norm = [], [], 0.0, 0.0
+    done, skipped = quantizable(model, group_size)
+    modules = dict(model.named_modules())
+    change, norm = 0.0, 0.0
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or module is head:
-                continue
-            if module.in_features % group_size:
-                skipped.append(name)
-                continue
+        for name in done:
+            module = modules[name]
             quantized = attack_metrics.rtn(module.weight, bits, group_size)
             change += float((module.weight.float() - quantized.float()).pow(2).sum())
             norm += float(module.weight.float().pow(2).sum())
             module.weight.copy_(quantized)
-            done.append(name)
-    if not done:
-        raise MmeditError(f"quantize: no linear layer has a multiple of {group_size} inputs; pick another --group-size")
     return {"layers": len(done), "skipped": skipped, "relative_change": (change / norm) ** 0.5 if norm else 0.0}
 
 
