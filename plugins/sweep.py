@@ -247,32 +247,31 @@ def run(study, name: str, model, processor, split: Split, fixed: Mapping[str, ob
     sets = scored_sets(split)
     memo = {} if memo is None else memo
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=STARTUP)
-    for _ in track(range(budget), f"sweep {name}", total=budget, enabled=progress):
-        trial = study.ask(distributions(plugin, space))
-        options = {**fixed, **trial.params}
-        trial.set_user_attr("options", options)
-        started = time.perf_counter()
-        try:
-            delta = apply_plugin(name, model, processor, split.forget, split.retain, options, seed=seed,
-                                 progress=False, memo=memo,
-                                 log_dir=None if log_dir is None else Path(log_dir) / f"trial-{trial.number:03d}")
-            edited = evaluate(model, processor, sets, [delta], batch_size=batch_size)
-        except Exception as error:  # noqa: BLE001 - a failing point (NaN loss, bad combination) is a result
-            trial.set_user_attr("error", _one_line(error))
+    with logs.logging_to(None if log_dir is None else Path(log_dir) / "sweep"):  # one event file for the run
+        for _ in track(range(budget), f"sweep {name}", total=budget, enabled=progress):
+            trial = study.ask(distributions(plugin, space))
+            options = {**fixed, **trial.params}
+            trial.set_user_attr("options", options)
+            started = time.perf_counter()
+            try:
+                delta = apply_plugin(name, model, processor, split.forget, split.retain, options, seed=seed,
+                                     progress=False, memo=memo,
+                                     log_dir=None if log_dir is None else Path(log_dir) / f"trial-{trial.number:03d}")
+                edited = evaluate(model, processor, sets, [delta], batch_size=batch_size)
+            except Exception as error:  # noqa: BLE001 - a failing point (NaN loss, bad combination) is a result
+                trial.set_user_attr("error", _one_line(error))
+                trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            except BaseException:  # Ctrl-C: the trial is stored as failed, not left running
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            values = objectives(base, edited)
+            trial.set_user_attr("table", edited)
+            trial.set_user_attr("elements", delta.touched)
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            continue
-        except BaseException:  # Ctrl-C: the trial is stored as failed, not left running
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        values = objectives(base, edited)
-        trial.set_user_attr("table", edited)
-        trial.set_user_attr("elements", delta.touched)
-        trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
-        study.tell(trial, [values[key] for key in OBJECTIVES])
-        if log_dir is not None:
-            with logs.logging_to(Path(log_dir) / "sweep"):
-                logs.scalars(values, prefix="objectives", step=trial.number)
+            study.tell(trial, [values[key] for key in OBJECTIVES])
+            logs.scalars(values, prefix="objectives", step=trial.number)  # into sweep/ (the trials' own: inside)
     return record(study, base, plugin, space)
 
 

@@ -149,10 +149,14 @@ def method_label(found: Input, name: str) -> str:
     """An eval report's model: "base", or the methods of the deltas it applied (for `mmedit eval`'s
     "edited"), with the report's file name."""
     if name == "edited":
-        plugins = [((d.get("provenance") or {}).get("plugin") or {}).get("name") or d.get("path", "?")
-                   for d in found.content.get("deltas") or [] if isinstance(d, dict)]
-        name = "+".join(map(str, plugins)) or name
+        name = "+".join(map(str, _delta_names(found))) or name
     return f"{name} [{found.path.name}]"
+
+
+def _delta_names(found: Input) -> list:
+    """The plugin (else the file) of each delta an eval or attack report records."""
+    return [((d.get("provenance") or {}).get("plugin") or {}).get("name") or d.get("path", "?")
+            for d in found.content.get("deltas") or [] if isinstance(d, dict)]
 
 
 def eval_section(reports: list[Input]) -> str:
@@ -232,8 +236,7 @@ def attack_section(reports: list[Input]) -> str:
             "it; undefined (–) where the edit itself moved the metric by too little.</p>"]
     for found in reports:
         attacks = found.content["attacks"]
-        deltas = [((d.get("provenance") or {}).get("plugin") or {}).get("name") or d.get("path", "?")
-                  for d in found.content.get("deltas") or [] if isinstance(d, dict)]
+        deltas = _delta_names(found)
         title = f"{'+'.join(map(str, deltas)) or 'edit'} [{found.path.name}]"
         html.append(f'<div class="card attack" data-report="{escape(found.path.name)}"><h3>{escape(title)}</h3>')
         groups, rows = [], []
