@@ -11,14 +11,13 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from mmedit import zoo
 from mmedit.checkpoint import merge
 from mmedit.cli.main import app
 from mmedit.data.batches import make_batches
-from mmedit.data.rows import Row, write_jsonl
+from mmedit.data.rows import write_jsonl
 from mmedit.delta import Delta
 from mmedit.errors import MmeditError
 from mmedit.eval.harness import evaluate
@@ -26,6 +25,8 @@ from mmedit.loading import input_device, load, offloaded_values, read_device_map
 from mmedit.plan import parse_max_memory, plan_for, preflight, weights_per_device
 from mmedit.plugins import apply_plugin
 from mmedit.trace import trace
+
+from test_trace import job_rows  # noqa: E402
 
 runner = CliRunner()
 LLM = "model.language_model"
@@ -58,17 +59,7 @@ def plain(tiny):
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dispatch-images")
-    made = []
-    for i, answer in enumerate(["glassblower", "a pilot", "judge", "baker"]):
-        image = Image.new("RGB", (32 + 8 * i, 32), (50 * i, 180 - 30 * i, 90))
-        image.paste((255, 255, 255), (4, 4, 12 + i, 14))
-        image.save(folder / f"p{i}.png")
-        made.append(Row(id=f"p{i}", entity=f"Person {i}", image=folder / f"p{i}.png",
-                        question="What is this person's job?", text_question=f"What is Person {i}'s job?",
-                        answer=answer, options=("glassblower", "a pilot", "judge", "baker"), correct=i,
-                        where=f"rows.jsonl:{i + 1}"))
-    return made
+    return job_rows(tmp_path_factory.mktemp("dispatch-images"), options=True)
 
 
 def dispatched(tiny, device_map=DISK):

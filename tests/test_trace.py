@@ -18,18 +18,26 @@ from mmedit.trace import TraceStats, trace
 from mmedit.trace.tracer import position_groups
 
 
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("trace-images")
+JOBS = ["glassblower", "a pilot", "judge", "baker"]
+
+
+def job_rows(folder, options: bool = False) -> list[Row]:
+    """Four people, pictures of four sizes; with `options`, multiple choice over the four jobs."""
     made = []
-    for i, answer in enumerate(["glassblower", "a pilot", "judge", "baker"]):
+    for i, answer in enumerate(JOBS):
         image = Image.new("RGB", (32 + 8 * i, 32), (50 * i, 180 - 30 * i, 90))
         image.paste((255, 255, 255), (4, 4, 12 + i, 14))
         image.save(folder / f"p{i}.png")
         made.append(Row(id=f"p{i}", entity=f"Person {i}", image=folder / f"p{i}.png",
                         question="What is this person's job?", text_question=f"What is Person {i}'s job?",
-                        answer=answer, where=f"rows.jsonl:{i + 1}"))
+                        answer=answer, options=tuple(JOBS) if options else None, correct=i if options else None,
+                        where=f"rows.jsonl:{i + 1}"))
     return made
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    return job_rows(tmp_path_factory.mktemp("trace-images"))
 
 
 @pytest.fixture(scope="module", params=zoo.FAMILIES)
